@@ -1,0 +1,266 @@
+"""Image preprocessing shared by training and the device.
+
+This module is the single definition of what the extractor sees: decode any image a
+user hands us, find the face, resize and normalise it. ``export`` imports it for
+training, so a face on the camera goes through exactly the numbers the model was
+trained on. It depends on numpy, Pillow and (for face detection only) OpenCV.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+
+# A frame larger than this is refused before its pixels are decoded (decompression bomb).
+MAX_PIXELS = 50_000_000
+MAX_BYTES = 64 * 1024 * 1024
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message is one line, fit for a user."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a face crop becomes the extractor's input tensor; written into the manifest."""
+
+    size: tuple[int, int] = (64, 64)
+    channels: int = 1
+    mean: float = 0.5
+    std: float = 0.25
+    layout: str = "NCHW"
+    pixel_scale: str = "uint8/255"
+    resize: str = "pillow-bilinear"
+    color: str = "grayscale-ITU-R-601-2 (Pillow 'L'); alpha composited on white"
+    face_margin: float = 0.25
+    face_detector: str = "opencv-haar-frontalface-default"
+    detect_max_side: int = 320
+    fallback: str = "centre-square"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "size" in kwargs:
+            kwargs["size"] = tuple(int(v) for v in kwargs["size"])
+        return cls(**kwargs)
+
+
+DEFAULT_SPEC = PreprocessSpec()
+
+
+@dataclass
+class FaceCrop:
+    """A grayscale face crop and where it came from."""
+
+    pixels: np.ndarray  # uint8, (H, W)
+    face_found: bool
+    box: tuple[int, int, int, int] = field(default=(0, 0, 0, 0))  # x, y, w, h in the frame
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img
+
+
+def _open(source: ImageSource) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if len(data) > MAX_BYTES:
+            raise ImageError(f"image is {len(data)} bytes, over the {MAX_BYTES} byte limit")
+        return Image.open(io.BytesIO(data))
+    path = Path(source)
+    if not path.is_file():
+        raise ImageError(f"no such image file: {path}")
+    if path.stat().st_size > MAX_BYTES:
+        raise ImageError(f"{path.name}: file is over the {MAX_BYTES} byte limit")
+    return Image.open(io.BytesIO(path.read_bytes()))
+
+
+def decode_gray(source: ImageSource) -> np.ndarray:
+    """Decode a path, bytes, PIL image or array into a uint8 grayscale (H, W) array.
+
+    Applies EXIF orientation, composites alpha on white, and refuses truncated files
+    and decompression bombs with an ``ImageError`` instead of a traceback.
+    """
+    if isinstance(source, np.ndarray):
+        return array_to_gray(source)
+    name = Path(source).name if isinstance(source, (str, os.PathLike)) else "image"
+    try:
+        img = _open(source)
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise ImageError(f"{name}: {w}x{h} pixels is over the {MAX_PIXELS} pixel limit")
+        if w < 1 or h < 1:
+            raise ImageError(f"{name}: empty image")
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        img = _flatten_alpha(img)
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{name}: not a readable image ({exc.__class__.__name__})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: corrupt or truncated image ({str(exc).splitlines()[0]})") from exc
+
+
+def array_to_gray(frame: np.ndarray) -> np.ndarray:
+    """A camera frame (H, W), (H, W, 3) RGB or (H, W, 4) RGBA, uint8 or float in [0, 1]."""
+    a = np.asarray(frame)
+    if a.ndim not in (2, 3) or a.size == 0 or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
+        raise ImageError(f"frame of shape {a.shape} is not (H, W), (H, W, 3) or (H, W, 4)")
+    if a.shape[0] * a.shape[1] > MAX_PIXELS:
+        raise ImageError(f"frame of {a.shape[1]}x{a.shape[0]} pixels is over the pixel limit")
+    if a.dtype != np.uint8:
+        if not np.issubdtype(a.dtype, np.number) or not np.all(np.isfinite(a)):
+            raise ImageError("frame holds non-finite or non-numeric values")
+        scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0
+        a = np.clip(a * scale, 0, 255).round().astype(np.uint8)
+    if a.ndim == 2:
+        return np.ascontiguousarray(a)
+    if a.shape[2] == 1:
+        return np.ascontiguousarray(a[:, :, 0])
+    mode = "RGB" if a.shape[2] == 3 else "RGBA"
+    img = _flatten_alpha(Image.fromarray(np.ascontiguousarray(a), mode))
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- face crop
+
+_CASCADE = None
+
+
+def _cascade():
+    """The Haar detector, loaded once (OpenCV is imported only when detection is used)."""
+    global _CASCADE
+    if _CASCADE is None:
+        import cv2
+
+        path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
+        cascade = cv2.CascadeClassifier(path)
+        if cascade.empty():
+            raise RuntimeError(f"cannot load the Haar cascade at {path}")
+        _CASCADE = cascade
+    return _CASCADE
+
+
+def detect_faces(gray: np.ndarray, max_side: int = DEFAULT_SPEC.detect_max_side) -> list[tuple[int, int, int, int]]:
+    """Face boxes (x, y, w, h) in ``gray``'s coordinates, largest first.
+
+    Detection runs on a copy downscaled to ``max_side`` (Haar on a full 640 px frame is
+    several times slower); boxes are scaled back so the crop keeps full resolution.
+    """
+    import cv2
+
+    h, w = gray.shape
+    scale = min(1.0, max_side / max(h, w))
+    small = gray if scale == 1.0 else cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    min_side = max(20, int(min(small.shape) * 0.08))
+    boxes = _cascade().detectMultiScale(small, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))
+    out = [tuple(int(round(v / scale)) for v in b) for b in (boxes if len(boxes) else [])]
+    return sorted(out, key=lambda b: b[2] * b[3], reverse=True)
+
+
+def square_box(box: tuple[int, int, int, int], margin: float, width: int, height: int) -> tuple[int, int, int, int]:
+    """Grow a box by ``margin`` on each side into a square, clipped to the frame."""
+    x, y, w, h = box
+    side = int(round(max(w, h) * (1.0 + 2.0 * margin)))
+    side = max(1, min(side, width, height))
+    cx, cy = x + w / 2.0, y + h / 2.0
+    x0 = int(round(min(max(cx - side / 2.0, 0), width - side)))
+    y0 = int(round(min(max(cy - side / 2.0, 0), height - side)))
+    return x0, y0, side, side
+
+
+def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
+def crop_face(gray: np.ndarray, spec: PreprocessSpec = DEFAULT_SPEC, detect: bool = True) -> FaceCrop:
+    """The largest face with a margin, or the centre square when no face is found.
+
+    ``detect=False`` is for inputs that are already face crops (FER): the whole image
+    is used and ``face_found`` is True.
+    """
+    h, w = gray.shape
+    if not detect:
+        return FaceCrop(gray, True, (0, 0, w, h))
+    boxes = detect_faces(gray, spec.detect_max_side)
+    if boxes:
+        x, y, s, _ = square_box(boxes[0], spec.face_margin, w, h)
+        return FaceCrop(gray[y : y + s, x : x + s], True, (x, y, s, s))
+    x, y, s, _ = centre_square(w, h)
+    return FaceCrop(gray[y : y + s, x : x + s], False, (x, y, s, s))
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def resize_face(crop: np.ndarray, spec: PreprocessSpec = DEFAULT_SPEC) -> np.ndarray:
+    """uint8 (H, W) crop -> uint8 spec.size, Pillow bilinear (antialiased when shrinking)."""
+    th, tw = spec.size
+    if crop.shape == (th, tw):
+        return np.ascontiguousarray(crop, dtype=np.uint8)
+    img = Image.fromarray(np.ascontiguousarray(crop, dtype=np.uint8), "L")
+    return np.asarray(img.resize((tw, th), Image.BILINEAR), dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray, spec: PreprocessSpec = DEFAULT_SPEC) -> np.ndarray:
+    """uint8 (..., H, W) -> float32 (..., 1, H, W): x / 255, minus mean, over std."""
+    x = np.asarray(pixels, dtype=np.float32) * np.float32(1.0 / 255.0)
+    x = (x - np.float32(spec.mean)) / np.float32(spec.std)
+    return np.expand_dims(x, axis=-3)
+
+
+def face_tensor(crop: np.ndarray, spec: PreprocessSpec = DEFAULT_SPEC) -> np.ndarray:
+    """One grayscale crop -> float32 (1, C, H, W), the extractor's input for one face."""
+    return normalize(resize_face(crop, spec), spec)[None]
+
+
+def faces_tensor(crops: list[np.ndarray] | np.ndarray, spec: PreprocessSpec = DEFAULT_SPEC) -> np.ndarray:
+    """Many grayscale crops -> float32 (N, C, H, W)."""
+    resized = np.stack([resize_face(c, spec) for c in crops]) if len(crops) else np.zeros((0, *spec.size), np.uint8)
+    return normalize(resized, spec)
+
+
+@dataclass
+class Prepared:
+    """An image ready for the extractor, with the crop kept for the annotation queue."""
+
+    tensor: np.ndarray  # float32 (1, C, H, W)
+    crop: np.ndarray  # uint8 resized face crop (H, W)
+    face_found: bool
+    box: tuple[int, int, int, int]
+
+
+def prepare(source: ImageSource, spec: PreprocessSpec = DEFAULT_SPEC, detect: bool = True) -> Prepared:
+    """Decode, crop and normalise one image: the whole device input path."""
+    gray = decode_gray(source)
+    face = crop_face(gray, spec, detect=detect)
+    small = resize_face(face.pixels, spec)
+    return Prepared(normalize(small, spec)[None], small, face.face_found, face.box)

@@ -1,0 +1,1 @@
+"""Workstation side: train the extractor, export it to ONNX and write the model package."""

@@ -1,0 +1,53 @@
+"""``infantino-export``: train, export to ONNX, publish."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        fer=args.fer, out=args.out, images=args.images or [], arch=args.arch, imagenet_init=not args.no_imagenet,
+        init_from=args.init_from, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        threads=args.threads, limit=args.limit, max_steps_per_epoch=args.max_steps, mlflow_uri=args.mlflow_uri,
+    )
+    metrics = train(cfg)
+    print(f"validation accuracy {metrics['val_accuracy']:.4f}, macro-F1 {metrics['val_macro_f1']:.4f}; written to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infantino-export", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (or resume) the extractor on FER2013")
+    t.add_argument("--fer", required=True, help="path to fer2013_train.npz")
+    t.add_argument("--images", action="append", help="extra ImageFolder tree(s) added to training")
+    t.add_argument("--out", required=True, help="run folder: checkpoint, metrics, plots")
+    t.add_argument("--arch", default="efficientnet_lite0", choices=["efficientnet_lite0", "efficientnet_b0"])
+    t.add_argument("--no-imagenet", action="store_true", help="start lite0 from scratch instead of ImageNet weights")
+    t.add_argument("--init-from", help="start from this checkpoint's weights (fine-tuning)")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--limit", type=int, help="use only the first N FER faces (smoke runs)")
+    t.add_argument("--max-steps", type=int, help="cap batches per epoch (smoke runs)")
+    t.add_argument("--mlflow-uri", help="log the run to this MLflow tracking URI")
+    t.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"infantino-export: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Training data: FER2013 faces and ImageFolder photos, through the device's preprocessing.
+
+Every image becomes a uint8 face crop of the model's size by ``edge_runtime.preprocess``
+(the exact code the device runs); augmentation then works on batches of those crops in
+torch, and the last step is the device's own normalisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, ImageError, PreprocessSpec, crop_face, decode_gray, resize_face
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class FaceSet:
+    """Face crops at model size (uint8 N x H x W) with integer labels into ``CLASSES``."""
+
+    pixels: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> "FaceSet":
+        return FaceSet(self.pixels[idx], self.labels[idx])
+
+    @staticmethod
+    def concat(parts: list["FaceSet"]) -> "FaceSet":
+        return FaceSet(np.concatenate([p.pixels for p in parts]), np.concatenate([p.labels for p in parts]))
+
+
+def load_fer(path: str | Path, spec: PreprocessSpec = DEFAULT_SPEC, limit: int | None = None) -> FaceSet:
+    """FER2013 npz (images uint8 N x 48 x 48, labels, classes) resized by the device code."""
+    with np.load(path, allow_pickle=False) as data:
+        classes = tuple(str(c) for c in data["classes"])
+        if classes != CLASSES:
+            raise ValueError(f"{path}: classes {classes} are not in the expected order {CLASSES}")
+        images, labels = data["images"], data["labels"].astype(np.int64)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    pixels = np.stack([resize_face(img, spec) for img in images])
+    return FaceSet(pixels, labels)
+
+
+def list_image_folder(root: str | Path) -> list[tuple[Path, int]]:
+    """(path, label) pairs of an ImageFolder tree whose sub-folders are class names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} does not exist")
+    items = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        if sub.name not in CLASSES:
+            raise ValueError(f"{sub}: folder name is not one of {', '.join(CLASSES)}")
+        label = CLASSES.index(sub.name)
+        items += [(f, label) for f in sorted(sub.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not items:
+        raise ValueError(f"{root}: no images in class sub-folders")
+    return items
+
+
+def load_image_folder(root: str | Path, spec: PreprocessSpec = DEFAULT_SPEC, detect: bool = True) -> FaceSet:
+    """Decode, face-crop and resize every photo of an ImageFolder tree; unreadable ones are skipped."""
+    pixels, labels = [], []
+    for path, label in list_image_folder(root):
+        try:
+            face = crop_face(decode_gray(path), spec, detect=detect)
+        except ImageError:
+            continue
+        pixels.append(resize_face(face.pixels, spec))
+        labels.append(label)
+    return FaceSet(np.stack(pixels), np.asarray(labels, dtype=np.int64))
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, held_out): ``fraction`` of each class held out, seeded and sorted."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_held = int(round(len(idx) * fraction))
+        held.append(idx[:n_held])
+        keep.append(idx[n_held:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))

@@ -1,0 +1,223 @@
+"""Train the expression network on FER2013 (plus optional ImageFolder photos).
+
+Checkpoints every epoch (atomically) and resumes from the last one, so a long CPU run
+can be stopped and continued across sessions. Writes metrics JSON, training curves and
+a confusion matrix; logs to MLflow when a tracking URI is given.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from edge_runtime.atomic import atomic_write_text, atomic_write_with
+from edge_runtime.metrics import summarize
+from edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, normalize
+
+from .augment import AugmentConfig, augment
+from .data import FaceSet, load_fer, load_image_folder, stratified_split
+from .model import ExpressionNet, ModelConfig, build_model
+from .plots import plot_confusion, plot_curves
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    fer: str
+    out: str
+    images: list[str] = field(default_factory=list)
+    arch: str = "efficientnet_lite0"
+    imagenet_init: bool = True
+    init_from: Optional[str] = None
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.998
+    val_fraction: float = 0.1
+    seed: int = 0
+    threads: int = 2
+    limit: Optional[int] = None
+    max_steps_per_epoch: Optional[int] = None
+    images_repeat: int = 1
+    mlflow_uri: Optional[str] = None
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-square-root frequency weights, mean 1: eases imbalance without wrecking accuracy."""
+    counts = np.bincount(labels, minlength=n_classes).astype(float)
+    w = 1.0 / np.sqrt(np.maximum(counts, 1.0))
+    return torch.tensor(w / w.mean(), dtype=torch.float32)
+
+
+@torch.no_grad()
+def predict_logits(net: torch.nn.Module, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits for uint8 crops, normalised by the device's own ``normalize``."""
+    net.eval()
+    out = []
+    for i in range(0, len(pixels), batch_size):
+        x = torch.from_numpy(normalize(pixels[i : i + batch_size], DEFAULT_SPEC)).contiguous(memory_format=torch.channels_last)
+        out.append(net(x).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
+
+
+def evaluate(net: torch.nn.Module, data: FaceSet) -> dict:
+    logits = predict_logits(net, data.pixels)
+    loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(data.labels)).item())
+    return {"loss": loss, **summarize(data.labels, logits.argmax(1), len(CLASSES))}
+
+
+def split_data(cfg: TrainConfig) -> tuple[FaceSet, FaceSet]:
+    """FER train/validation split (seeded, stratified) plus any ImageFolder photos in train."""
+    fer = load_fer(cfg.fer, DEFAULT_SPEC, limit=cfg.limit)
+    keep, held = stratified_split(fer.labels, cfg.val_fraction, cfg.seed)
+    train = fer.subset(keep)
+    extra = [load_image_folder(d) for d in cfg.images]
+    if extra:
+        train = FaceSet.concat([train] + extra * cfg.images_repeat)
+    return train, fer.subset(held)
+
+
+class _Ema:
+    """Exponential moving average of weights and BN buffers (evaluated and exported)."""
+
+    def __init__(self, net: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(net).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, m in zip(self.model.state_dict().values(), net.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.mul_(d).add_(m.detach(), alpha=1 - d)
+            else:
+                e.copy_(m)
+
+
+def _mlflow_run(cfg: TrainConfig, run_id: Optional[str]):
+    if not cfg.mlflow_uri:
+        return None
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    mlflow.set_experiment("infantino-extractor-training")
+    run = mlflow.start_run(run_id=run_id)
+    if run_id is None:
+        mlflow.log_params({k: v for k, v in asdict(cfg).items() if k not in ("out",)})
+    return run
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; returns the final metrics dict written to metrics.json."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+
+    train_set, val_set = split_data(cfg)
+    model_cfg = ModelConfig(arch=cfg.arch)
+    net = build_model(model_cfg, imagenet_init=cfg.imagenet_init and cfg.init_from is None)
+    if cfg.init_from:
+        net.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=False)["ema"])
+    net = net.to(memory_format=torch.channels_last)
+
+    steps = int(np.ceil(len(train_set) / cfg.batch_size))
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.15)
+    ema = _Ema(net, cfg.ema_decay)
+    weights = class_weights(train_set.labels, len(CLASSES))
+    history: list[dict] = []
+    start_epoch, run_id = 1, None
+
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        net.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, start_epoch, run_id = state["history"], state["epoch"] + 1, state.get("mlflow_run_id")
+        print(f"resuming from {ckpt_path} at epoch {start_epoch}")
+
+    run = _mlflow_run(cfg, run_id)
+    pixels = torch.from_numpy(train_set.pixels)
+    labels = torch.from_numpy(train_set.labels)
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        order = torch.randperm(len(labels), generator=g)
+        net.train()
+        t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", mininterval=5)
+        for step in bar:
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            x = augment(pixels[idx], g, AugmentConfig()).contiguous(memory_format=torch.channels_last)
+            y = labels[idx]
+            logits = net(x)
+            loss = F.cross_entropy(logits, y, weight=weights, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            ema.update(net, (epoch - 1) * steps + step)
+            seen += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.item() * len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+        val = evaluate(ema.model, val_set)
+        history.append({
+            "epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+            "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+            "lr": sched.get_last_lr()[0], "seconds": time.time() - t0,
+        })
+        print(f"epoch {epoch}: val accuracy {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f} ({time.time() - t0:.0f} s)", flush=True)
+        state = {
+            "model": net.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
+            "model_config": model_cfg.to_dict(), "train_config": asdict(cfg), "preprocess": DEFAULT_SPEC.to_dict(),
+            "mlflow_run_id": run.info.run_id if run else None,
+        }
+        atomic_write_with(ckpt_path, lambda fh: torch.save(state, fh))
+        plot_curves(history, out / "training_curves.png")
+        if run:
+            import mlflow
+
+            mlflow.log_metrics({k: v for k, v in history[-1].items() if k != "epoch"}, step=epoch)
+
+    final = evaluate(ema.model, val_set)
+    plot_confusion(np.array(final["confusion"]), CLASSES, out / "confusion_matrix.png", f"FER validation (n={final['n']})")
+    metrics = {
+        "arch": cfg.arch, "epochs": cfg.epochs, "val_accuracy": final["accuracy"], "val_macro_f1": final["macro_f1"],
+        "val": final, "history": history, "n_train": len(train_set), "n_val": len(val_set), "seed": cfg.seed,
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    if run:
+        import mlflow
+
+        mlflow.log_metrics({"final_val_accuracy": final["accuracy"], "final_val_macro_f1": final["macro_f1"]})
+        for name in ("metrics.json", "training_curves.png", "confusion_matrix.png"):
+            mlflow.log_artifact(str(out / name))
+        mlflow.end_run()
+    return metrics
+
+
+def load_checkpoint(path: str | Path) -> tuple[ExpressionNet, dict]:
+    """The EMA network of a checkpoint (eval mode) and the checkpoint's metadata."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    net = ExpressionNet(ModelConfig(**state["model_config"]))
+    net.load_state_dict(state["ema"])
+    return net.eval(), state
