@@ -18,6 +18,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _onnx(args: argparse.Namespace) -> int:
+    from .package_builder import BuildOptions, build_package
+
+    build_package(BuildOptions(checkpoint=args.checkpoint, out=args.out, fer=args.fer, threads=args.threads,
+                               force=args.force, report_dir=args.report_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infantino-export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, help="cap batches per epoch (smoke runs)")
     t.add_argument("--mlflow-uri", help="log the run to this MLflow tracking URI")
     t.set_defaults(func=_train)
+
+    o = sub.add_parser("onnx", help="export a checkpoint to a verified model package")
+    o.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `train`")
+    o.add_argument("--out", default="data/models", help="package folder (default: data/models)")
+    o.add_argument("--fer", default="../shared/data/fer2013/fer2013_train.npz",
+                   help="FER npz: calibration faces and the held-out split to score on")
+    o.add_argument("--threads", type=int, default=2)
+    o.add_argument("--force", action="store_true", help="replace a package that scores better")
+    o.add_argument("--report-dir", help="also write a confusion matrix and metrics JSON here")
+    o.set_defaults(func=_onnx)
     return parser
 
 

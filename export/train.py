@@ -138,7 +138,6 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.15)
     ema = _Ema(net, cfg.ema_decay)
     weights = class_weights(train_set.labels, len(CLASSES))
     history: list[dict] = []
@@ -150,9 +149,13 @@ def train(cfg: TrainConfig) -> dict:
         net.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
         history, start_epoch, run_id = state["history"], state["epoch"] + 1, state.get("mlflow_run_id")
         print(f"resuming from {ckpt_path} at epoch {start_epoch}")
+    # Built after a resume so that a larger --epochs stretches the remaining schedule.
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=max(cfg.epochs, start_epoch - 1) * steps, pct_start=0.15,
+        last_epoch=(start_epoch - 1) * steps - 1,
+    )
 
     run = _mlflow_run(cfg, run_id)
     pixels = torch.from_numpy(train_set.pixels)
@@ -187,7 +190,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"epoch {epoch}: val accuracy {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f} ({time.time() - t0:.0f} s)", flush=True)
         state = {
             "model": net.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
+            "epoch": epoch, "history": history,
             "model_config": model_cfg.to_dict(), "train_config": asdict(cfg), "preprocess": DEFAULT_SPEC.to_dict(),
             "mlflow_run_id": run.info.run_id if run else None,
         }

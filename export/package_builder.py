@@ -1,0 +1,135 @@
+"""Build the model package from a training checkpoint.
+
+Steps: export fp32 ONNX and check parity with torch; quantise to int8 (static QDQ,
+calibrated on training faces); embed the training faces and fit the bootstrap head;
+merge extractor and head into ``classifier.onnx``; score everything on the held-out
+FER split the checkpoint was validated on; write ``manifest.json`` with hashes.
+The package is built in a scratch folder and moved into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.head import HeadParams, OnlineHead
+from edge_runtime.metrics import summarize
+from edge_runtime.package import MANIFEST, Manifest, describe_files, read_manifest, sha256_file, write_manifest
+from edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, PreprocessSpec, normalize
+
+from .classifier import PROBABILITIES, merge_classifier
+from .data import load_fer, stratified_split
+from .onnx_export import check_parity, export_extractor, run_batched, session
+from .quantize import quantize_extractor
+from .train import load_checkpoint, predict_logits
+
+INT8_TOLERANCE = 0.01  # classifier.onnx uses the int8 extractor when it costs at most one point
+
+
+@dataclass
+class BuildOptions:
+    checkpoint: str
+    out: str
+    fer: str
+    calibration_size: int = 512
+    head_max_iter: int = 40
+    threads: int = 2
+    force: bool = False
+    report_dir: str | None = None
+
+
+def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(pred == labels))
+
+
+def build_package(opts: BuildOptions, log=print) -> dict:
+    """Returns the manifest dict; raises ``ParityError`` if the export is not faithful."""
+    net, state = load_checkpoint(opts.checkpoint)
+    spec = PreprocessSpec.from_dict(state["preprocess"])
+    if spec != DEFAULT_SPEC:
+        raise ValueError("checkpoint was trained with another preprocessing spec than this code's")
+    tcfg = state["train_config"]
+    fer = load_fer(opts.fer, spec, limit=tcfg.get("limit"))
+    keep, held = stratified_split(fer.labels, tcfg["val_fraction"], tcfg["seed"])
+    train, val = fer.subset(keep), fer.subset(held)
+    x_val = normalize(val.pixels, spec)
+
+    out = Path(opts.out)
+    scratch = out.with_name(out.name + ".building")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    t0 = time.time()
+
+    fp32, int8 = scratch / "extractor.onnx", scratch / "extractor.int8.onnx"
+    export_extractor(net, fp32, (spec.channels, *spec.size))
+    parity = check_parity(net, fp32, x_val[:256])
+    log(f"exported {fp32.name}: max |torch - onnxruntime| = {parity:.2e}")
+
+    rng = np.random.default_rng(tcfg["seed"])
+    calib_idx = rng.choice(len(train), size=min(opts.calibration_size, len(train)), replace=False)
+    quantize_extractor(fp32, int8, normalize(train.pixels[calib_idx], spec))
+    log(f"quantised {int8.name} on {len(calib_idx)} training faces")
+
+    s32, s8 = session(fp32, opts.threads), session(int8, opts.threads)
+    emb_train = np.concatenate([run_batched(s32, normalize(train.pixels[i : i + 2048], spec)) for i in range(0, len(train), 2048)])
+    emb_val32, emb_val8 = run_batched(s32, x_val), run_batched(s8, x_val)
+    head = OnlineHead.fit(emb_train, train.labels, HeadParams(), max_iter=opts.head_max_iter)
+    head.save(scratch / "head.npz")
+
+    acc_torch = _accuracy(predict_logits(net, val.pixels).argmax(1), val.labels)
+    acc32 = _accuracy(head.predict_proba(emb_val32).argmax(1), val.labels)
+    acc8 = _accuracy(head.predict_proba(emb_val8).argmax(1), val.labels)
+    use_int8 = acc32 - acc8 <= INT8_TOLERANCE
+    merge_classifier(int8 if use_int8 else fp32, head, scratch / "classifier.onnx")
+    sc = session(scratch / "classifier.onnx", opts.threads)
+    probs = np.concatenate([sc.run([PROBABILITIES], {"input": x_val[i : i + 256]})[0] for i in range(0, len(x_val), 256)])
+    cls_summary = summarize(val.labels, probs.argmax(1), len(CLASSES))
+    log(f"validation accuracy: torch {acc_torch:.4f}, fp32+head {acc32:.4f}, int8+head {acc8:.4f}, classifier.onnx {cls_summary['accuracy']:.4f}")
+
+    if not opts.force and (out / MANIFEST).exists():
+        old = read_manifest(out).metrics.get("classifier_accuracy", 0.0)
+        if old > cls_summary["accuracy"]:
+            shutil.rmtree(scratch)
+            raise ValueError(f"{out} holds a better package ({old:.4f} > {cls_summary['accuracy']:.4f}); use --force to replace it")
+
+    model_cfg = state["model_config"]
+    manifest = Manifest(
+        version=f"{model_cfg['arch']}-e{state['epoch']}-{sha256_file(fp32)[:8]}",
+        preprocess=spec,
+        embedding_dim=int(model_cfg["embedding_dim"]),
+        files=describe_files(scratch),
+        metrics={
+            "split": f"FER2013 train file, stratified {tcfg['val_fraction']:.0%} held out, seed {tcfg['seed']}",
+            "n_val": len(val), "torch_accuracy": acc_torch, "fp32_accuracy": acc32, "int8_accuracy": acc8,
+            "classifier_accuracy": cls_summary["accuracy"], "classifier_macro_f1": cls_summary["macro_f1"],
+            "classifier_extractor": "int8" if use_int8 else "fp32", "onnx_parity_max_abs": parity,
+            "per_class_recall": dict(zip(CLASSES, cls_summary["per_class_recall"])),
+        },
+        trained_on={
+            "fer2013": Path(opts.fer).name, "images": tcfg.get("images", []), "n_train": len(train),
+            "epochs": state["epoch"], "seed": tcfg["seed"], "imagenet_init": tcfg.get("imagenet_init", False),
+        },
+        model={**model_cfg, "head": HeadParams().to_dict(), "classifier_outputs": ["label", PROBABILITIES]},
+    )
+    write_manifest(scratch, manifest)
+
+    if opts.report_dir:
+        from .plots import plot_confusion
+
+        Path(opts.report_dir).mkdir(parents=True, exist_ok=True)
+        plot_confusion(np.array(cls_summary["confusion"]), CLASSES, Path(opts.report_dir) / "confusion_matrix_classifier.png",
+                       f"classifier.onnx on FER validation (acc {cls_summary['accuracy']:.3f})")
+        (Path(opts.report_dir) / "package_metrics.json").write_text(json.dumps(manifest.to_dict()["metrics"], indent=2))
+
+    previous = out.with_name(out.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if out.exists():
+        out.rename(previous)
+    scratch.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)
+    log(f"model package {manifest.version} written to {out} in {time.time() - t0:.0f} s")
+    return manifest.to_dict()

@@ -1,0 +1,147 @@
+"""Decoding, face crop and normalisation: the one preprocessing path of device and training."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import require_data
+from edge_runtime import preprocess as pp
+from edge_runtime.preprocess import DEFAULT_SPEC, ImageError, crop_face, decode_gray, normalize, prepare, resize_face
+
+
+def _gradient(w: int = 80, h: int = 60) -> np.ndarray:
+    x = np.linspace(0, 255, w, dtype=np.float32)
+    y = np.linspace(0, 255, h, dtype=np.float32)
+    r = np.broadcast_to(x[None, :], (h, w))
+    g = np.broadcast_to(y[:, None], (h, w))
+    b = np.full((h, w), 128, np.float32)
+    return np.stack([r, g, b], -1).astype(np.uint8)
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "RGB"), ("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "L"), ("WEBP", "RGB"), ("BMP", "RGB")])
+def test_decodes_common_formats_to_gray(fmt, mode):
+    img = Image.fromarray(_gradient()).convert(mode)
+    gray = decode_gray(_encode(img, fmt))
+    assert gray.dtype == np.uint8 and gray.shape == (60, 80)
+    expected = np.asarray(Image.fromarray(_gradient()).convert("L"), dtype=np.int16)
+    tolerance = 12 if fmt in ("JPEG", "WEBP") else 1
+    assert np.abs(gray.astype(np.int16) - expected).mean() < tolerance
+
+
+def test_alpha_is_composited_on_white():
+    rgba = np.zeros((10, 10, 4), np.uint8)  # fully transparent black
+    gray = decode_gray(_encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert np.all(gray == 255)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.fromarray(_gradient(80, 60))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    gray = decode_gray(_encode(img, "JPEG", exif=exif.tobytes()))
+    assert gray.shape == (80, 60)
+
+
+def test_paths_pil_images_and_arrays_agree(tmp_path):
+    rgb = _gradient()
+    path = tmp_path / "frame.png"
+    Image.fromarray(rgb).save(path)
+    from_path = decode_gray(path)
+    np.testing.assert_array_equal(from_path, decode_gray(Image.fromarray(rgb)))
+    np.testing.assert_array_equal(from_path, decode_gray(rgb))
+    np.testing.assert_array_equal(decode_gray(rgb.astype(np.float32) / 255.0), from_path)
+
+
+def test_truncated_file_is_a_one_line_error():
+    data = _encode(Image.fromarray(_gradient(200, 200)), "JPEG")
+    with pytest.raises(ImageError) as err:
+        decode_gray(data[: len(data) // 2])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("payload", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
+def test_garbage_bytes_are_refused(payload):
+    with pytest.raises(ImageError):
+        decode_gray(payload)
+
+
+def test_decompression_bomb_is_refused_before_decoding(monkeypatch):
+    monkeypatch.setattr(pp, "MAX_PIXELS", 100 * 100)
+    big = _encode(Image.new("L", (200, 200)), "PNG")
+    with pytest.raises(ImageError, match="pixel limit"):
+        decode_gray(big)
+
+
+def test_huge_file_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(pp, "MAX_BYTES", 1000)
+    path = tmp_path / "big.png"
+    path.write_bytes(b"\0" * 5000)
+    with pytest.raises(ImageError, match="byte limit"):
+        decode_gray(path)
+
+
+def test_missing_file_and_bad_arrays():
+    with pytest.raises(ImageError, match="no such image"):
+        decode_gray("/nonexistent/x.jpg")
+    with pytest.raises(ImageError):
+        decode_gray(np.zeros((4, 4, 7), np.uint8))
+    with pytest.raises(ImageError):
+        decode_gray(np.full((4, 4), np.nan, np.float32))
+
+
+def test_no_face_falls_back_to_centre_square_and_says_so():
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 255, (120, 200), dtype=np.uint8)
+    face = crop_face(noise)
+    assert not face.face_found
+    assert face.box == (40, 0, 120, 120)
+    assert face.pixels.shape == (120, 120)
+
+
+def test_square_box_grows_by_margin_and_stays_inside():
+    assert pp.square_box((10, 10, 20, 20), 0.25, 100, 100) == (5, 5, 30, 30)
+    x, y, w, h = pp.square_box((90, 90, 20, 20), 0.5, 100, 100)
+    assert x + w <= 100 and y + h <= 100 and w == h == 40
+
+
+def test_real_infant_photo_finds_a_face():
+    folder = require_data("infant", "happy")
+    found = 0
+    for path in sorted(folder.iterdir())[:10]:
+        p = prepare(path)
+        assert p.tensor.shape == (1, 1, 64, 64) and p.tensor.dtype == np.float32
+        found += p.face_found
+    assert found >= 5
+
+
+def test_prepare_tensor_matches_manual_pipeline():
+    rgb = _gradient(64, 48)
+    p = prepare(rgb, detect=False)
+    manual = normalize(resize_face(decode_gray(rgb)))[None]
+    np.testing.assert_array_equal(p.tensor, manual)
+    assert p.tensor.min() >= (0 - DEFAULT_SPEC.mean) / DEFAULT_SPEC.std - 1e-6
+
+
+def test_training_and_device_paths_agree_bit_for_bit():
+    """FER faces as training loads them == the device's prepare() of the same face."""
+    torch = pytest.importorskip("torch")
+    from export.augment import normalize_torch, to_unit
+    from export.data import load_fer
+
+    fer = load_fer(require_data("fer2013", "fer2013_train.npz"), limit=32)
+    with np.load(require_data("fer2013", "fer2013_train.npz")) as data:
+        raw = data["images"][:32]
+    device = np.concatenate([prepare(img, detect=False).tensor for img in raw])
+    training_eval = normalize(fer.pixels)
+    np.testing.assert_array_equal(device, training_eval)
+    training_aug_path = normalize_torch(to_unit(torch.from_numpy(fer.pixels))).numpy()
+    np.testing.assert_allclose(training_aug_path, device, atol=1e-6)
