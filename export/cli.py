@@ -12,6 +12,7 @@ def _train(args: argparse.Namespace) -> int:
         fer=args.fer, out=args.out, images=args.images or [], arch=args.arch, imagenet_init=not args.no_imagenet,
         init_from=args.init_from, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         threads=args.threads, limit=args.limit, max_steps_per_epoch=args.max_steps, mlflow_uri=args.mlflow_uri,
+        images_repeat=args.images_repeat,
     )
     metrics = train(cfg)
     print(f"validation accuracy {metrics['val_accuracy']:.4f}, macro-F1 {metrics['val_macro_f1']:.4f}; written to {args.out}")
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train (or resume) the extractor on FER2013")
     t.add_argument("--fer", required=True, help="path to fer2013_train.npz")
     t.add_argument("--images", action="append", help="extra ImageFolder tree(s) added to training")
+    t.add_argument("--images-repeat", type=int, default=1,
+                   help="repeat the --images photos N times per epoch (mixes a small target set into FER)")
     t.add_argument("--out", required=True, help="run folder: checkpoint, metrics, plots")
     t.add_argument("--arch", default="efficientnet_lite0", choices=["efficientnet_lite0", "efficientnet_b0"])
     t.add_argument("--no-imagenet", action="store_true", help="start lite0 from scratch instead of ImageNet weights")

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.imagefolder import list_image_folder
 from edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, ImageError, PreprocessSpec, crop_face, decode_gray, resize_face
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 @dataclass
@@ -45,22 +44,6 @@ def load_fer(path: str | Path, spec: PreprocessSpec = DEFAULT_SPEC, limit: int |
         images, labels = images[:limit], labels[:limit]
     pixels = np.stack([resize_face(img, spec) for img in images])
     return FaceSet(pixels, labels)
-
-
-def list_image_folder(root: str | Path) -> list[tuple[Path, int]]:
-    """(path, label) pairs of an ImageFolder tree whose sub-folders are class names."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"image folder {root} does not exist")
-    items = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        if sub.name not in CLASSES:
-            raise ValueError(f"{sub}: folder name is not one of {', '.join(CLASSES)}")
-        label = CLASSES.index(sub.name)
-        items += [(f, label) for f in sorted(sub.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-    if not items:
-        raise ValueError(f"{root}: no images in class sub-folders")
-    return items
 
 
 def load_image_folder(root: str | Path, spec: PreprocessSpec = DEFAULT_SPEC, detect: bool = True) -> FaceSet:

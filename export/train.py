@@ -128,10 +128,12 @@ def train(cfg: TrainConfig) -> dict:
     torch.set_num_threads(cfg.threads)
 
     train_set, val_set = split_data(cfg)
-    model_cfg = ModelConfig(arch=cfg.arch)
-    net = build_model(model_cfg, imagenet_init=cfg.imagenet_init and cfg.init_from is None)
-    if cfg.init_from:
-        net.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=False)["ema"])
+    if cfg.init_from:  # fine-tuning: the architecture is the starting checkpoint's
+        init_net, _ = load_checkpoint(cfg.init_from)
+        model_cfg, net = init_net.config, init_net.train()
+    else:
+        model_cfg = ModelConfig(arch=cfg.arch)
+        net = build_model(model_cfg, imagenet_init=cfg.imagenet_init)
     net = net.to(memory_format=torch.channels_last)
 
     steps = int(np.ceil(len(train_set) / cfg.batch_size))
