@@ -1,0 +1,104 @@
+"""The page and its small JSON API (``bp``); the security checks run before these (``__init__``)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from flask import Blueprint, abort, current_app, jsonify, render_template, request, send_file
+
+from ..annotation_queue import QueueError
+
+bp = Blueprint("annotate", __name__)
+
+
+def _ctx() -> dict[str, Any]:
+    return current_app.extensions["infantino"]
+
+
+def _status(device) -> dict[str, Any]:
+    s = device.status()
+    return {"head_version": s["head_version"], "generation": s["generation"], "queue": s["queue"],
+            "counters": s["counters"], "package_version": s["package_version"]}
+
+
+def _body() -> tuple[str, dict[str, Any]]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        abort(400, "send a JSON object")
+    item_id = body.get("id")
+    if not isinstance(item_id, str):
+        abort(400, "give the frame's id")
+    return item_id, body
+
+
+@bp.errorhandler(QueueError)
+def _queue_error(exc: QueueError):
+    return jsonify(error=str(exc)), 404
+
+
+@bp.get("/")
+def index():
+    from . import csrf_token
+
+    device = _ctx()["device"]
+    return render_template("annotate.html", csrf=csrf_token(), classes=device.classes)
+
+
+@bp.get("/api/state")
+def state():
+    """Waiting frames (most uncertain first), versions and counters, the recent timeline."""
+    ctx = _ctx()
+    device, timeline = ctx["device"], ctx["timeline"]
+    items = device.queue.items()
+    timeline.record(items)
+    items.sort(key=lambda i: (-i.uncertainty, i.id))
+    return jsonify(classes=list(device.classes), status=_status(device),
+                   items=[{"id": i.id, "created": i.created, "predicted": i.predicted, "uncertainty": i.uncertainty,
+                           "probabilities": i.probabilities, "face_found": i.face_found} for i in items],
+                   timeline=timeline.recent(current_app.config["TIMELINE_HOURS"]))
+
+
+@bp.get("/crop/<item_id>.png")
+def crop(item_id: str):
+    """A queued face crop, by validated id only: nothing else of the state folder is served."""
+    path = _ctx()["device"].queue.crop_path(item_id)  # QueueError (404) for anything but an id
+    if not path.is_file():
+        abort(404, "no such frame")
+    return send_file(path, mimetype="image/png", max_age=0)
+
+
+@bp.post("/api/label")
+def label():
+    """The caregiver's label: the device learns it once (a repeat is reported, not counted)."""
+    ctx = _ctx()
+    device = ctx["device"]
+    item_id, body = _body()
+    name = body.get("label")
+    if not isinstance(name, str) or name not in device.classes:
+        return jsonify(error=f"unknown label {str(name)[:40]!r}; expected one of {', '.join(device.classes)}"), 400
+    with contextlib.suppress(QueueError):  # on the timeline even if the page was never listed
+        ctx["timeline"].record([device.queue.get(item_id)])
+    with ctx["lock"]:
+        result = device.resolve(item_id, name)  # QueueError: unknown or malformed id -> 404
+    ctx["timeline"].label(item_id, name)
+    if result is None:
+        outcome = "duplicate"
+    else:
+        outcome = "learned" if result.updated else "rolled back" if result.rolled_back else "kept for the guard"
+    return jsonify(id=item_id, label=name, outcome=outcome, status=_status(device))
+
+
+@bp.post("/api/dismiss")
+def dismiss():
+    """"Not a face": the frame leaves the queue without being learned."""
+    ctx = _ctx()
+    device = ctx["device"]
+    item_id, _ = _body()
+    with ctx["lock"]:
+        item = device.queue.get(item_id)  # QueueError -> 404
+        if item.label is not None:
+            return jsonify(error="this frame is labelled already"), 409
+        ctx["timeline"].record([item])
+        device.queue.remove(item_id)
+    ctx["timeline"].label(item_id, None)
+    return jsonify(id=item_id, outcome="dismissed", status=_status(device))

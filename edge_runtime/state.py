@@ -1,0 +1,156 @@
+"""The device's state folder: whole-state snapshots that survive power cuts and bit rot.
+
+Everything a caregiver taught the device (head weights and Adam moments, replay buffer,
+holdout, counters, versions) is saved as *one* file per generation,
+``snapshot-<generation>.bin``, so the parts can never disagree: a head from one update
+with a buffer from another is impossible. Each file is written atomically (temp file,
+fsync, rename, fsync the folder) and starts with a sha256 of its payload; loading takes
+the newest file whose checksum holds and warns about (and sets aside) any that do not.
+The previous ``keep - 1`` generations stay as fallbacks. ``state.json`` mirrors the
+counters and versions for people and tools; the snapshot is what counts.
+
+Payload: an ``.npz`` of plain arrays plus a ``meta`` JSON string, read with
+``allow_pickle=False``.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .atomic import atomic_write_bytes, atomic_write_text
+
+MAGIC = b"INFANTINO-STATE/1\n"
+_NAME = re.compile(r"^snapshot-(\d{10})\.bin$")
+log = logging.getLogger(__name__)
+
+
+class StateError(ValueError):
+    """A state file that is not a valid snapshot (torn, tampered or foreign)."""
+
+
+@dataclass
+class Snapshot:
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+    generation: int
+    path: Path
+
+
+def encode(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
+    """Header (magic, sha256 of the payload) + npz payload."""
+    if "meta" in arrays:
+        raise ValueError("'meta' is reserved for the JSON entry")
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.asarray(json.dumps(meta, sort_keys=True)), **arrays)
+    payload = buf.getvalue()
+    return MAGIC + hashlib.sha256(payload).hexdigest().encode("ascii") + b"\n" + payload
+
+
+def decode(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Inverse of ``encode``; raises ``StateError`` on a wrong magic, checksum or payload."""
+    if not data.startswith(MAGIC):
+        raise StateError("not an InfantinO state file")
+    digest, sep, payload = data[len(MAGIC):].partition(b"\n")
+    if not sep or len(digest) != 64:
+        raise StateError("truncated header")
+    if hashlib.sha256(payload).hexdigest().encode("ascii") != digest:
+        raise StateError("checksum mismatch")
+    try:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except (KeyError, OSError, ValueError, EOFError) as exc:
+        raise StateError(f"unreadable payload ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise StateError("meta is not a JSON object")
+    return arrays, meta
+
+
+class StateStore:
+    """Generations of snapshots in one folder; ``save`` and ``load`` are all a device needs."""
+
+    def __init__(self, folder: str | os.PathLike, keep: int = 3):
+        if keep < 2:
+            raise ValueError("keep at least two generations: the newest and a last good one")
+        self.folder = Path(folder)
+        self.keep = keep
+
+    # ---------------------------------------------------------------- listing
+    def generations(self) -> list[tuple[int, Path]]:
+        """(generation, path) of every snapshot file, newest first."""
+        if not self.folder.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _NAME.match(p.name))]
+        return sorted(found, reverse=True)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Serialise writers across processes (a CLI ``learn`` next to a running device)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / ".lock", "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # ---------------------------------------------------------------- read
+    def load(self) -> Snapshot | None:
+        """The newest snapshot that verifies; None for an empty folder.
+
+        A corrupt newer file is renamed to ``*.corrupt`` with a warning and the next one
+        is used. Raises ``StateError`` only if files exist and none of them verifies.
+        """
+        bad = []
+        for gen, path in self.generations():
+            try:
+                arrays, meta = decode(path.read_bytes())
+            except (StateError, OSError) as exc:
+                bad.append(path)
+                log.warning("state file %s is corrupt (%s); falling back to the previous one", path.name, exc)
+                with contextlib.suppress(OSError):
+                    os.replace(path, path.with_name(path.name + ".corrupt"))
+                continue
+            if bad:
+                log.warning("using last good state %s (generation %d)", path.name, gen)
+            return Snapshot(arrays, meta, gen, path)
+        if bad:
+            raise StateError(f"no valid state snapshot in {self.folder} ({len(bad)} corrupt)")
+        return None
+
+    # ---------------------------------------------------------------- write
+    def save(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> int:
+        """Write the next generation atomically, then drop the ones beyond ``keep``."""
+        data = encode(arrays, meta)
+        with self._lock():
+            self.clean_temp()
+            gens = self.generations()
+            gen = (gens[0][0] + 1) if gens else 1
+            atomic_write_bytes(self.folder / f"snapshot-{gen:010d}.bin", data)
+            for _, old in self.generations()[self.keep:]:
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
+            atomic_write_text(self.folder / "state.json", json.dumps({"generation": gen, **meta}, indent=2, sort_keys=True) + "\n")
+        return gen
+
+    def clean_temp(self) -> int:
+        """Remove temp files a killed writer left behind (they were never renamed into place)."""
+        n = 0
+        if self.folder.is_dir():
+            for p in self.folder.iterdir():
+                if p.name.startswith(".") and p.name.endswith(".tmp"):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+                        n += 1
+        return n

@@ -1,0 +1,274 @@
+"""HTTP API, versioned under ``/v1``: JSON for metadata, npz for arrays.
+
+Device endpoints need the device's bearer token, admin endpoints the admin token; only
+``/v1/health`` is open. Every refusal is a 4xx with ``{"error": "<one line>"}``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+from flask import Blueprint, abort, current_app, g, jsonify, request, send_file
+
+from edge_runtime import wire
+
+from . import models
+from .auth import require
+from .store import StoreBusy, UpdateRecord
+
+bp = Blueprint("v1", __name__, url_prefix="/v1")
+
+KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+MAX_METRICS = 32
+
+
+def state():
+    return current_app.extensions["infantino"]
+
+
+def _served():
+    try:
+        serving = state().store.serving()
+    except StoreBusy as exc:
+        abort(503, str(exc))
+    if serving is None:
+        abort(503, "no model has been promoted yet (infantino-server promote PACKAGE_DIR)")
+    return serving
+
+
+# --------------------------------------------------------------------------- open
+
+
+@bp.get("/health")
+def health():
+    s = state()
+    try:
+        s.store.ping()
+        serving = s.store.serving()
+    except Exception as exc:  # noqa: BLE001 - health reports, never raises
+        return jsonify(status="unavailable", store=str(exc).splitlines()[0]), 503
+    return jsonify(status="ok", api="v1", serving=None if serving is None else
+                   {"package_version": serving.package_version, "head_version": serving.head_version})
+
+
+@bp.get("/whoami")
+@require("device", "admin")
+def whoami():
+    return jsonify(name=g.client.name, kind=g.client.kind)
+
+
+# --------------------------------------------------------------------------- model
+
+
+@bp.get("/model")
+@require("device", "admin")
+def model():
+    serving = _served()
+    resp = jsonify(models.model_info(serving))
+    resp.set_etag(models.etag(serving))
+    resp.headers["Cache-Control"] = "no-cache"
+    return resp.make_conditional(request)
+
+
+@bp.get("/model/files/<name>")
+@require("device", "admin")
+def model_file(name: str):
+    s = state()
+    head_version = models.parse_global_head_name(name)
+    if head_version is not None:
+        head = s.store.head(head_version)
+        if head is None:
+            abort(404, f"no global head version {head_version}")
+        resp = current_app.response_class(head.blob, mimetype=wire.CONTENT_TYPE)
+        resp.set_etag(head.sha256)
+        resp.headers["Cache-Control"] = "private, max-age=31536000, immutable"
+        resp.headers["X-Infantino-Package"] = head.package_version
+        return resp.make_conditional(request)
+    version = request.args.get("package") or _served().package_version
+    pkg = s.store.package(version)
+    if pkg is None:
+        abort(404, f"no package version {version!r}")
+    manifest = json.loads(pkg["manifest"])
+    hashes = {entry["path"]: entry["sha256"] for entry in manifest["files"].values()}
+    hashes["manifest.json"] = pkg["manifest_sha256"]
+    if name not in hashes:
+        abort(404, f"package {version} has no file {name!r}; it has {', '.join(sorted(hashes))}")
+    path = Path(s.data_dir) / pkg["folder"] / name
+    if not path.is_file():
+        abort(404, f"file {name} of package {version} is missing on the server")
+    resp = send_file(path, mimetype="application/octet-stream", etag=hashes[name], conditional=True, max_age=31536000)
+    resp.headers["X-Infantino-Package"] = version
+    return resp
+
+
+# --------------------------------------------------------------------------- updates
+
+
+def _check_meta(meta: dict, cfg) -> dict:
+    if meta.get("format") != wire.UPDATE_FORMAT:
+        abort(400, f"meta.format must be {wire.UPDATE_FORMAT!r}")
+    out = {}
+    for key, kind in (("device", str), ("base_package_version", str), ("idempotency_key", str), ("kind", str)):
+        if not isinstance(meta.get(key), kind):
+            abort(400, f"meta.{key} must be a string")
+        out[key] = meta[key]
+    for key in ("base_head_version", "n_samples"):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            abort(400, f"meta.{key} must be an integer")
+        out[key] = value
+    if not KEY_RE.match(out["idempotency_key"]):
+        abort(400, "meta.idempotency_key must be 8-128 characters of A-Z a-z 0-9 . _ : -")
+    if out["kind"] not in wire.KINDS:
+        abort(400, f"meta.kind must be one of {', '.join(wire.KINDS)}")
+    if not 1 <= out["n_samples"] <= cfg["MAX_SAMPLES_PER_UPDATE"]:
+        abort(422, f"n_samples must be between 1 and {cfg['MAX_SAMPLES_PER_UPDATE']}")
+    metrics = meta.get("metrics", {})
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
+        abort(400, f"meta.metrics must be an object with at most {MAX_METRICS} entries")
+    for k, v in metrics.items():
+        if len(k) > 64 or not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            abort(422, f"metric {k[:64]!r} must be a finite number with a name of at most 64 characters")
+    out["metrics"] = {k: float(v) for k, v in metrics.items()}
+    return out
+
+
+def _read_body(limit: int) -> bytes:
+    """The request body in one read when its length is declared (werkzeug's generic reader
+    takes ~20 small reads for 20 KB under gunicorn); 413 beyond ``limit``."""
+    length = request.content_length
+    if length is None:
+        return request.get_data(cache=False)  # chunked: werkzeug enforces MAX_CONTENT_LENGTH
+    if length > limit:
+        abort(413, f"body too large: the limit is {limit} bytes")
+    data = request.environ["wsgi.input"].read(length)
+    if len(data) != length:
+        abort(400, f"body ended after {len(data)} of {length} bytes")
+    return data
+
+
+@bp.post("/updates")
+@require("device")
+def post_update():
+    s = state()
+    cfg = current_app.config
+    body = _read_body(cfg["MAX_UPDATE_BYTES"])
+    if not body:
+        abort(400, "empty body; send the update as an npz (edge_runtime.wire.encode_update)")
+    try:
+        raw_meta, arrays = wire.decode(body, max_inflated=cfg["MAX_UPDATE_BYTES"] * 4)
+    except wire.WireError as exc:
+        abort(400, str(exc))
+    meta = _check_meta(raw_meta, cfg)
+    client = g.client
+    if meta["device"] != client.name:
+        abort(403, f"this token belongs to device {client.name!r}; an update may not claim to come from {meta['device'][:64]!r}")
+    digest = hashlib.sha256(body).hexdigest()
+
+    try:
+        existing, served = s.store.ingest_view(client.id, meta["idempotency_key"])
+    except StoreBusy as exc:
+        abort(503, str(exc))
+    if existing is not None:
+        return _receipt_response(existing[0], existing[1] == digest, duplicate=True)
+    if served is None:
+        abort(503, "no model has been promoted yet (infantino-server promote PACKAGE_DIR)")
+    package_version, head_version = served
+    if meta["base_package_version"] != package_version:
+        known = s.store.package(meta["base_package_version"]) is not None
+        if known:
+            abort(409, f"update was computed for package {meta['base_package_version']}; the server now serves "
+                       f"{package_version}: pull the new model")
+        abort(422, f"unknown base package version {meta['base_package_version'][:128]!r}")
+    base = s.store.head(meta["base_head_version"])
+    if base is None or base.package_version != package_version:
+        abort(422, f"unknown base head version {meta['base_head_version']} for package {package_version}")
+    staleness = head_version - base.version
+    if staleness > cfg["MAX_STALENESS"]:
+        abort(409, f"update is {staleness} head versions behind (limit {cfg['MAX_STALENESS']}): pull the current head")
+
+    try:
+        layers = wire.dict_to_layers(arrays, len(base.layers) // 2)
+    except wire.WireError as exc:
+        abort(422, str(exc))
+    parts = []
+    for name, arr, want in zip(wire.layer_names(len(base.layers) // 2), layers, base.layers):
+        if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
+            abort(422, f"{name} has dtype {arr.dtype}; send float32")
+        if arr.shape != want.shape:
+            abort(422, f"{name} has shape {arr.shape}; the head needs {want.shape}")
+        parts.append(arr.astype(np.float32, copy=False).ravel())
+    flat = np.concatenate(parts)
+    if not np.isfinite(flat).all():
+        abort(422, "update holds NaN or infinite values")
+    delta = flat - base.flat if meta["kind"] == "weights" else flat
+    norm = float(np.linalg.norm(delta))
+    if not math.isfinite(norm) or norm > cfg["MAX_DELTA_NORM"]:
+        abort(422, f"update moves the head by {norm:.4g} (L2), beyond the bound {cfg['MAX_DELTA_NORM']}")
+
+    record = UpdateRecord(
+        client_id=client.id, idempotency_key=meta["idempotency_key"], body_sha256=digest,
+        package_version=package_version, base_head_version=base.version, n_samples=meta["n_samples"],
+        metrics=meta["metrics"], delta=delta.astype("<f4").tobytes(), delta_norm=norm,
+    )
+    try:
+        receipt = s.store.submit_update(record, timeout_s=cfg["COMMIT_TIMEOUT_S"], on_commit=s.after_commit)
+    except StoreBusy as exc:
+        abort(503, f"{exc}; retry with the same idempotency key")
+    if receipt.duplicate:
+        return _receipt_response(receipt.update_id, not receipt.conflict, duplicate=True)
+    return jsonify(update_id=receipt.update_id, status="buffered", duplicate=False, staleness=staleness,
+                   head_version=head_version), 202
+
+
+def _receipt_response(update_id: int, same_body: bool, duplicate: bool):
+    if not same_body:
+        abort(409, "idempotency key already used for a different update")
+    return jsonify(update_id=update_id, status="received", duplicate=duplicate), 200
+
+
+# --------------------------------------------------------------------------- admin
+
+
+@bp.get("/admin/status")
+@require("admin")
+def admin_status():
+    s = state()
+    serving = s.store.serving()
+    return jsonify(
+        serving=None if serving is None else {"package_version": serving.package_version, "head_version": serving.head_version},
+        updates=s.store.counts(),
+        aggregate_k=current_app.config["AGGREGATE_K"],
+        strategy=s.strategy.to_dict(),
+        tracking=s.tracker.status() if s.tracker else None,
+        time=time.time(),
+    )
+
+
+@bp.post("/admin/aggregate")
+@require("admin")
+def admin_aggregate():
+    s = state()
+    body = request.get_json(silent=True) or {}
+    min_updates = body.get("min_updates", 1)
+    if not isinstance(min_updates, int) or isinstance(min_updates, bool) or min_updates < 1:
+        abort(400, "min_updates must be a positive integer")
+    result = s.aggregate(min_updates)
+    if result is None:
+        return jsonify(aggregated=False, reason=f"fewer than {min_updates} updates buffered for the served package")
+    return jsonify(aggregated=True, aggregation_id=result.aggregation_id, head_version=result.new_head_version,
+                   n_updates=result.n_updates, devices=result.devices, seconds=result.seconds)
+
+
+@bp.post("/admin/tracking/flush")
+@require("admin")
+def admin_tracking_flush():
+    s = state()
+    if s.tracker is None:
+        abort(409, "MLflow tracking is off")
+    return jsonify(s.tracker.drain())

@@ -1,0 +1,263 @@
+"""``infantino-server``: run the sync server and administer it.
+
+    infantino-server run [--data-dir DIR] [--host 127.0.0.1] [--port 8080] [--workers 2]
+    infantino-server device add NAME | list | revoke NAME
+    infantino-server admin-token
+    infantino-server promote PACKAGE_DIR | --head-version N
+    infantino-server aggregate [--min-updates 1]
+    infantino-server status | flush-tracking
+
+Every subcommand takes ``--data-dir`` / ``--db-url`` / ``--mlflow-uri`` (or the
+``INFANTINO_DATA_DIR`` / ``INFANTINO_DB_URL`` / ``INFANTINO_MLFLOW_URI`` variables).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="folder for the SQLite store, MLflow and package files "
+                                      "(default: $INFANTINO_DATA_DIR or ~/.local/share/infantino-server)")
+    p.add_argument("--db-url", help="SQLAlchemy URL of the store, e.g. postgresql+psycopg2://user:pw@host/db")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: SQLite under the data dir; 'off' disables)")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    out = {}
+    for attr, key in (("data_dir", "DATA_DIR"), ("db_url", "DB_URL"), ("mlflow_uri", "MLFLOW_URI")):
+        value = getattr(args, attr, None)
+        if value:
+            out[key] = value
+    return out
+
+
+def _state(args: argparse.Namespace):
+    from . import create_app
+
+    app = create_app({**_overrides(args), "BACKGROUND": False})
+    return app.extensions["infantino"]
+
+
+def _when(ts: Optional[float]) -> str:
+    return "-" if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    for key, value in _overrides(args).items():
+        env[f"INFANTINO_{key}"] = str(value)
+    if args.aggregate_k is not None:
+        env["INFANTINO_AGGREGATE_K"] = str(args.aggregate_k)
+    if args.strategy:
+        json.loads(args.strategy)
+        env["INFANTINO_STRATEGY"] = args.strategy
+    os.environ.update(env)
+    state = _state(args)  # create the tables once, before the workers race to
+    print(f"infantino-server: store {state.db_url.split('@')[-1]}, MLflow {state.mlflow_uri or 'off'}, "
+          f"data {state.data_dir}", file=sys.stderr)
+    state.store.dispose()
+    if args.dev or not _has_gunicorn():
+        from werkzeug.serving import run_simple
+
+        from . import create_app
+
+        run_simple(args.host, args.port, create_app(), threaded=True)
+        return 0
+    argv = [sys.executable, "-m", "gunicorn", "--workers", str(args.workers), "--worker-class", "gthread",
+            "--threads", str(args.threads), "--bind", f"{args.host}:{args.port}", "--timeout", "120",
+            "--graceful-timeout", "20", "--backlog", "2048"]
+    if args.access_log:
+        argv += ["--access-logfile", "-"]
+    argv.append("sync_server.wsgi:app")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
+    return 0  # not reached
+
+
+def _has_gunicorn() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gunicorn") is not None
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    from .store import StoreError
+
+    state = _state(args)
+    try:
+        if args.action == "add":
+            token = state.store.add_client(args.name, "device")
+            print(token)
+            print(f"device {args.name!r} added; the token above is shown only once", file=sys.stderr)
+        elif args.action == "revoke":
+            state.store.revoke(args.name)
+            print(f"device {args.name!r} revoked")
+        else:
+            rows = [c for c in state.store.list_clients() if c["kind"] == "device"]
+            if args.json:
+                print(json.dumps(rows))
+            else:
+                print(f"{'name':24} {'created':21} {'last update':21} status")
+                for c in rows:
+                    status = "revoked" if c["revoked_at"] else "active"
+                    print(f"{c['name']:24} {_when(c['created_at']):21} {_when(c['last_update']):21} {status}")
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_admin_token(args: argparse.Namespace) -> int:
+    token = _state(args).store.rotate_admin()
+    print(token)
+    print("admin token (re)issued; any previous admin token no longer works", file=sys.stderr)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from .models import PromoteError, promote_package, serve_aliases, serve_head
+
+    state = _state(args)
+    try:
+        if args.from_mlflow_alias:
+            if state.tracker is None:
+                print("error: MLflow tracking is off", file=sys.stderr)
+                return 1
+            result = serve_aliases(state.store, *state.tracker.alias_targets())
+        elif args.head_version is not None:
+            result = serve_head(state.store, args.head_version)
+        elif args.package_dir:
+            result = promote_package(state.store, state.data_dir, Path(args.package_dir))
+        else:
+            print("error: give PACKAGE_DIR, --head-version or --from-mlflow-alias", file=sys.stderr)
+            return 2
+    except PromoteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    _flush(state, quiet=args.no_tracking)
+    return 0
+
+
+def _flush(state, quiet: bool = False) -> None:
+    if state.tracker is None or quiet:
+        return
+    result = state.tracker.drain()
+    if result.get("error"):
+        print(f"MLflow not updated yet (the server retries): {result['error']}", file=sys.stderr)
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from .aggregate import Strategy
+
+    state = _state(args)
+    if args.strategy:
+        state.strategy = Strategy.from_dict(json.loads(args.strategy))
+    result = state.aggregate(args.min_updates)
+    if result is None:
+        print(json.dumps({"aggregated": False, "buffered": state.store.buffered_count()}))
+        return 0
+    print(json.dumps({"aggregated": True, "aggregation_id": result.aggregation_id, "head_version": result.new_head_version,
+                      "n_updates": result.n_updates, "devices": len(result.devices), "seconds": round(result.seconds, 4)}))
+    _flush(state, quiet=args.no_tracking)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = _state(args)
+    serving = state.store.serving()
+    out = {
+        "serving": None if serving is None else {"package_version": serving.package_version, "head_version": serving.head_version},
+        "updates": state.store.counts(),
+        "devices": sum(1 for c in state.store.list_clients() if c["kind"] == "device" and not c["revoked_at"]),
+        "tracking": state.tracker.status() if state.tracker else None,
+    }
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    state = _state(args)
+    if state.tracker is None:
+        print("MLflow tracking is off", file=sys.stderr)
+        return 1
+    result = state.tracker.drain()
+    print(json.dumps(result))
+    return 1 if result.get("error") else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infantino-server", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="serve the API (gunicorn, gthread workers)")
+    _common(r)
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=8080)
+    r.add_argument("--workers", type=int, default=2)
+    r.add_argument("--threads", type=int, default=16)
+    r.add_argument("--aggregate-k", type=int, help="step once K updates are buffered (default 10)")
+    r.add_argument("--strategy", help='JSON, e.g. {"rule": "trimmed_mean", "clip_norm": "median"}')
+    r.add_argument("--access-log", action="store_true")
+    r.add_argument("--dev", action="store_true", help="werkzeug's threaded development server instead of gunicorn")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("device", help="add, list or revoke devices")
+    dsub = d.add_subparsers(dest="action", required=True)
+    for action in ("add", "revoke"):
+        a = dsub.add_parser(action)
+        _common(a)
+        a.add_argument("name")
+        a.set_defaults(func=cmd_device, action=action)
+    ls = dsub.add_parser("list")
+    _common(ls)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_device, action="list")
+
+    t = sub.add_parser("admin-token", help="issue (or rotate) the admin token")
+    _common(t)
+    t.set_defaults(func=cmd_admin_token)
+
+    pr = sub.add_parser("promote", help="serve a model package (or roll back to a head version)")
+    _common(pr)
+    pr.add_argument("package_dir", nargs="?")
+    pr.add_argument("--head-version", type=int, help="serve this existing head version (a rollback)")
+    pr.add_argument("--from-mlflow-alias", action="store_true",
+                    help="serve what the 'production' aliases of infantino-extractor / infantino-head name in MLflow")
+    pr.add_argument("--no-tracking", action="store_true", help="leave the MLflow logging to the server")
+    pr.set_defaults(func=cmd_promote)
+
+    ag = sub.add_parser("aggregate", help="aggregate the buffered updates now")
+    _common(ag)
+    ag.add_argument("--min-updates", type=int, default=1)
+    ag.add_argument("--strategy", help="JSON strategy for this step only")
+    ag.add_argument("--no-tracking", action="store_true")
+    ag.set_defaults(func=cmd_aggregate)
+
+    s = sub.add_parser("status", help="what is served, buffered, pending for MLflow")
+    _common(s)
+    s.set_defaults(func=cmd_status)
+
+    f = sub.add_parser("flush-tracking", help="log pending aggregations and packages to MLflow now")
+    _common(f)
+    f.set_defaults(func=cmd_flush)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

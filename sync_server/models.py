@@ -1,0 +1,199 @@
+"""What the server serves: promoted model packages and the global head built on them.
+
+A package is promoted from an ``infantino-export`` folder: its files are verified against
+the manifest, copied under ``<data-dir>/packages/`` and its bootstrap head becomes the
+next global head version. The store's ``serving`` row says which package and head devices
+receive; the MLflow ``production`` aliases follow it (see ``tracking``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from sqlalchemy import func, insert, select, update
+
+from edge_runtime.head import HeadFormatError, OnlineHead
+from edge_runtime.package import MANIFEST, PackageError, open_package, sha256_file
+
+from . import store as st
+
+GLOBAL_HEAD_PREFIX = "global-head-"
+
+
+class PromoteError(ValueError):
+    """A package or head that cannot be served (one line)."""
+
+
+def global_head_name(version: int) -> str:
+    return f"{GLOBAL_HEAD_PREFIX}{int(version)}.npz"
+
+
+def parse_global_head_name(name: str) -> Optional[int]:
+    if name.startswith(GLOBAL_HEAD_PREFIX) and name.endswith(".npz"):
+        digits = name[len(GLOBAL_HEAD_PREFIX):-4]
+        if digits.isdigit() and len(digits) < 12:
+            return int(digits)
+    return None
+
+
+def head_blob(head: OnlineHead, version: int) -> bytes:
+    """A head as served: its arrays and parameters, no optimizer state, ``version`` set."""
+    fresh = OnlineHead.from_arrays(head.coefs, head.intercepts, head.classes, head.params, version=version)
+    return fresh.to_bytes()
+
+
+def _check_extractor_dim(path: Path, embedding_dim: int) -> None:
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any load failure means "not servable"
+        raise PromoteError(f"extractor {path.name} does not load in ONNX Runtime: {str(exc).splitlines()[0]}") from None
+    shape = sess.get_outputs()[0].shape
+    if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != embedding_dim):
+        raise PromoteError(f"extractor {path.name} outputs {shape}, the manifest promises (N, {embedding_dim})")
+
+
+def _copy_package(src: Path, files: list[str], dest: Path) -> None:
+    """Copy into ``dest`` through a temp folder and a rename: a half copy is never served."""
+    if dest.exists():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for name in files:
+            shutil.copyfile(src / name, tmp / name)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not dest.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def promote_package(store: st.Store, data_dir: Path, package_dir: Path) -> dict:
+    """Verify, copy and serve a package; returns what happened."""
+    package_dir = Path(package_dir)
+    try:
+        pkg = open_package(package_dir, verify=True)
+    except PackageError as exc:
+        raise PromoteError(str(exc)) from None
+    m = pkg.manifest
+    for role in ("extractor", "head"):
+        if not pkg.has(role):
+            raise PromoteError(f"package {m.version} has no {role} file")
+    try:
+        head = OnlineHead.load(pkg.path("head"))
+    except HeadFormatError as exc:
+        raise PromoteError(f"bootstrap head: {exc}") from None
+    if tuple(head.classes) != tuple(m.classes):
+        raise PromoteError(f"bootstrap head classes {head.classes} differ from the manifest's {m.classes}")
+    if head.input_dim != m.embedding_dim:
+        raise PromoteError(f"bootstrap head takes {head.input_dim}-d embeddings; the extractor makes {m.embedding_dim}-d ones")
+    _check_extractor_dim(pkg.path("extractor"), m.embedding_dim)
+    if pkg.has("extractor_int8"):
+        _check_extractor_dim(pkg.path("extractor_int8"), m.embedding_dim)
+
+    manifest_sha = sha256_file(package_dir / MANIFEST)
+    files = [MANIFEST] + [entry["path"] for entry in m.files.values()]
+    rel = Path("packages") / manifest_sha[:20]
+    _copy_package(package_dir, files, Path(data_dir) / rel)
+    if sha256_file(Path(data_dir) / rel / MANIFEST) != manifest_sha:
+        raise PromoteError(f"{rel} already holds a different package; remove it")
+
+    now = time.time()
+    with store.write() as conn:
+        store.lock_serving(conn)
+        existing = conn.execute(select(st.packages.c.manifest_sha256).where(st.packages.c.version == m.version)).first()
+        if existing is not None and existing.manifest_sha256 != manifest_sha:
+            raise PromoteError(f"package version {m.version} was promoted before with a different manifest; give it a new version")
+        if existing is None:
+            conn.execute(insert(st.packages).values(version=m.version, manifest=json.dumps(m.to_dict()),
+                                                    manifest_sha256=manifest_sha, folder=str(rel), created_at=now))
+            version = store.next_head_version(conn)
+            blob = head_blob(head, version)
+            conn.execute(insert(st.heads).values(version=version, package_version=m.version, parent_version=None,
+                                                 source="bootstrap", blob=blob, sha256=hashlib.sha256(blob).hexdigest(),
+                                                 created_at=now))
+            conn.execute(insert(st.outbox).values(kind="package", ref=m.version, created_at=now, attempts=0))
+            action = "promoted"
+        else:  # back to a package served before: its newest head
+            version = int(conn.execute(select(func.max(st.heads.c.version)).where(st.heads.c.package_version == m.version)).scalar_one())
+            action = "re-served"
+        superseded = conn.execute(update(st.updates).where(st.updates.c.status == "buffered",
+                                                           st.updates.c.package_version != m.version)
+                                  .values(status="superseded")).rowcount
+        _set_serving(conn, m.version, version, now)
+    return {"action": action, "package_version": m.version, "head_version": version, "superseded_updates": int(superseded or 0)}
+
+
+def serve_head(store: st.Store, version: int) -> dict:
+    """Serve an existing head (and its package): a rollback."""
+    with store.write() as conn:
+        store.lock_serving(conn)
+        row = conn.execute(select(st.heads.c.package_version).where(st.heads.c.version == version)).first()
+        if row is None:
+            raise PromoteError(f"no head version {version}")
+        superseded = conn.execute(update(st.updates).where(st.updates.c.status == "buffered",
+                                                           st.updates.c.package_version != row.package_version)
+                                  .values(status="superseded")).rowcount
+        _set_serving(conn, row.package_version, version, time.time())
+        conn.execute(insert(st.outbox).values(kind="serve", ref=str(version), created_at=time.time(), attempts=0))
+    return {"action": "served", "package_version": row.package_version, "head_version": version,
+            "superseded_updates": int(superseded or 0)}
+
+
+def serve_aliases(store: st.Store, package_version: Optional[str], head_version: Optional[int]) -> dict:
+    """Serve what MLflow's ``production`` aliases name: the head alias when it belongs to the
+    extractor alias's package, else that package's newest head."""
+    if package_version is None and head_version is None:
+        raise PromoteError("neither infantino-extractor nor infantino-head has a 'production' alias")
+    if head_version is not None:
+        with store.read() as conn:
+            row = conn.execute(select(st.heads.c.package_version).where(st.heads.c.version == head_version)).first()
+        if row is None:
+            raise PromoteError(f"the head alias names head version {head_version}, which this server does not have")
+        if package_version is None or row.package_version == package_version:
+            return serve_head(store, head_version)
+    with store.read() as conn:
+        newest = conn.execute(select(func.max(st.heads.c.version)).where(st.heads.c.package_version == package_version)).scalar()
+    if newest is None:
+        raise PromoteError(f"the extractor alias names package {package_version}, which this server does not have")
+    return serve_head(store, int(newest))
+
+
+def _set_serving(conn, package_version: str, head_version: int, now: float) -> None:
+    res = conn.execute(update(st.serving).where(st.serving.c.id == 1)
+                       .values(package_version=package_version, head_version=head_version, updated_at=now))
+    if res.rowcount == 0:
+        conn.execute(insert(st.serving).values(id=1, package_version=package_version, head_version=head_version, updated_at=now))
+
+
+def etag(serving: st.Serving) -> str:
+    return hashlib.sha256(f"{serving.manifest_sha256}:{serving.head_version}:{serving.head_sha256}".encode()).hexdigest()[:32]
+
+
+def model_info(serving: st.Serving, prefix: str = "/v1/model/files") -> dict:
+    """The body of ``GET /v1/model``."""
+    m = serving.manifest
+    files = {"manifest": {"name": MANIFEST, "sha256": serving.manifest_sha256}}
+    for role, entry in m["files"].items():
+        files[role] = {"name": entry["path"], "sha256": entry["sha256"], "bytes": entry["bytes"]}
+    for entry in files.values():
+        entry["url"] = f"{prefix}/{entry['name']}?package={serving.package_version}"
+    name = global_head_name(serving.head_version)
+    files["global_head"] = {"name": name, "sha256": serving.head_sha256, "bytes": serving.head_bytes, "url": f"{prefix}/{name}"}
+    return {
+        "package_version": serving.package_version,
+        "head_version": serving.head_version,
+        "bootstrap_head_version": serving.bootstrap_head_version,  # the package's own head.npz, as a global version
+        "embedding_dim": m["embedding_dim"],
+        "classes": m["classes"],
+        "files": files,
+    }

@@ -1,0 +1,71 @@
+"""kill -9 while the device learns and saves, again and again: the state always reopens valid."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+
+from conftest import REPO, TESTS
+from edge_helpers import open_device
+
+LEARNER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import numpy as np
+    from edge_helpers import open_device
+
+    device = open_device({package!r}, {state!r}, holdout_every=3, holdout_per_class=2)
+    rng = np.random.default_rng(int(sys.argv[1]))
+    while True:
+        y = int(rng.integers(0, 7))
+        device.learn((rng.normal(size=16) + y).astype(np.float32), y)  # saves a snapshot every time
+        print(device.generation, device.counters["labels"], flush=True)
+""")
+
+
+def _check_state(package, state) -> tuple[int, int]:
+    device = open_device(package, state, holdout_every=3, holdout_per_class=2)
+    c = device.counters
+    assert all(np.all(np.isfinite(w)) for w in device.head.weights())
+    assert device.head.version == c["updates"]
+    assert int(device.replay.seen.sum()) == c["updates"]  # every accepted update entered the replay
+    assert c["labels"] == c["updates"] + c["rollbacks"] + len(device.holdout)
+    return device.generation, c["labels"]
+
+
+def test_kill_9_during_learn_and_save_never_breaks_the_state(tiny_package_dir, tmp_path):
+    state = tmp_path / "state"
+    script = tmp_path / "learner.py"
+    script.write_text(LEARNER.format(tests=str(TESTS), package=str(tiny_package_dir), state=str(state)))
+    rng = np.random.default_rng(0)
+    last_generation, last_labels = 0, 0
+    for round_ in range(10):
+        proc = subprocess.Popen([sys.executable, str(script), str(round_)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            want = int(rng.integers(2, 12))
+            reported = None
+            for _ in range(want):
+                line = proc.stdout.readline()
+                assert line, f"learner died: {proc.stderr.read()[-2000:]}"
+                reported = tuple(int(v) for v in line.split())
+            time.sleep(float(rng.uniform(0, 0.01)))  # land anywhere in the next learn + save
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+            proc.stdout.close()
+            proc.stderr.close()
+        generation, labels = _check_state(tiny_package_dir, state)
+        # Nothing that was reported saved is lost, and learning continues from where it was.
+        assert generation >= reported[0] > last_generation
+        assert labels >= reported[1] > last_labels
+        last_generation, last_labels = generation, labels
+    device = open_device(tiny_package_dir, state)
+    device.save()
+    assert not list(state.glob("*.tmp")) and not list(state.glob(".*.tmp"))

@@ -1,0 +1,111 @@
+"""The pure aggregation module: FedAvg, staleness discounts, robust rules, clipping."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sync_server.aggregate import (Strategy, aggregate, aggregate_deltas, apply_step, clip_rows, coordinate_median,
+                                   flatten, sqrt_discount, trimmed_mean, unflatten)
+
+
+def _layers(rng, scale=1.0):
+    return [rng.normal(0, scale, (4, 3)).astype(np.float32), rng.normal(0, scale, (3,)).astype(np.float32)]
+
+
+def test_flatten_unflatten_round_trip():
+    rng = np.random.default_rng(0)
+    layers = _layers(rng)
+    back = unflatten(flatten(layers), [a.shape for a in layers])
+    for a, b in zip(layers, back):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError):
+        unflatten(np.zeros(5, np.float32), [(4, 3)])
+
+
+def test_fedavg_is_the_sample_weighted_mean():
+    # Prepare
+    rng = np.random.default_rng(1)
+    a, b = _layers(rng), _layers(rng)
+    # Execute
+    out = aggregate([(a, 1), (b, 3)])
+    # Assert
+    for la, lb, lo in zip(a, b, out):
+        np.testing.assert_allclose(lo, (la + 3 * lb) / 4, rtol=1e-6)
+
+
+def test_fresh_updates_are_averaged_by_samples():
+    deltas = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    res = aggregate_deltas(deltas, [1, 3], [0, 0], Strategy(staleness="sqrt"))
+    np.testing.assert_allclose(res.delta, [0.25, 0.75], rtol=1e-6)
+    assert res.info["n_updates"] == 2 and res.info["n_samples"] == 4
+
+
+def test_staleness_discounts_without_renormalising():
+    deltas = np.ones((2, 3), np.float32)
+    res = aggregate_deltas(deltas, [1, 1], [3, 3], Strategy(staleness="sqrt"))
+    # both updates are 3 versions old: the step shrinks by 1/sqrt(4) = 0.5
+    np.testing.assert_allclose(res.delta, 0.5, rtol=1e-6)
+    none = aggregate_deltas(deltas, [1, 1], [3, 3], Strategy(staleness="none"))
+    np.testing.assert_allclose(none.delta, 1.0)
+    np.testing.assert_allclose(sqrt_discount(np.array([0, 3, 8])), [1.0, 0.5, 1 / 3])
+
+
+def test_sample_weight_is_capped():
+    deltas = np.array([[1.0], [0.0]], np.float32)
+    res = aggregate_deltas(deltas, [10**9, 1000], [0, 0], Strategy(max_weight_samples=1000))
+    np.testing.assert_allclose(res.delta, [0.5])
+
+
+def test_median_and_trimmed_mean_ignore_a_poisoned_update():
+    rng = np.random.default_rng(2)
+    honest = rng.normal(0.1, 0.01, (9, 50)).astype(np.float32)
+    poisoned = np.vstack([honest, np.full((1, 50), 1e4, np.float32)])
+    for strategy in (Strategy(rule="median"), Strategy(rule="trimmed_mean", trim_fraction=0.2)):
+        res = aggregate_deltas(poisoned, [10] * 10, [0] * 10, strategy)
+        assert np.abs(res.delta - 0.1).max() < 0.05, strategy.rule
+    fedavg = aggregate_deltas(poisoned, [10] * 10, [0] * 10, Strategy())
+    assert fedavg.delta.min() > 900  # the plain mean is wrecked: this is what the robust rules are for
+
+
+def test_norm_clipping_bounds_every_row():
+    deltas = np.array([[3.0, 4.0], [0.3, 0.4]], np.float32)
+    clipped, n = clip_rows(deltas, 1.0)
+    assert n == 1
+    np.testing.assert_allclose(np.linalg.norm(clipped, axis=1), [1.0, 0.5], rtol=1e-6)
+    np.testing.assert_array_equal(deltas[0], [3.0, 4.0])  # input untouched
+    three = np.vstack([deltas, [[0.6, 0.8]]]).astype(np.float32)  # norms 5, 0.5, 1
+    res = aggregate_deltas(three, [1, 1, 1], [0, 0, 0], Strategy(clip_norm="median"))
+    assert res.info["n_clipped"] == 1 and res.info["clip_bound"] == pytest.approx(1.0)
+    assert res.info["delta_norm_max"] == pytest.approx(5.0)
+
+
+def test_trimmed_mean_and_median_match_numpy():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(10, 7)).astype(np.float32)
+    s = np.sort(x, axis=0)
+    np.testing.assert_allclose(trimmed_mean(x, 0.2), s[2:8].mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(coordinate_median(x), np.median(x, axis=0), rtol=1e-6)
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError):
+        aggregate_deltas(np.zeros((0, 3), np.float32), [], [])
+    with pytest.raises(ValueError):
+        aggregate_deltas(np.array([[np.nan]], np.float32), [1], [0])
+    with pytest.raises(ValueError):
+        aggregate_deltas(np.ones((1, 2), np.float32), [0], [0])
+    with pytest.raises(ValueError):
+        Strategy(rule="krum")
+    with pytest.raises(ValueError):
+        Strategy.from_dict({"rule": "fedavg", "typo": 1})
+    assert Strategy.from_dict({"clip_norm": "none"}).clip_norm is None
+    assert Strategy.from_dict({"clip_norm": "2.5"}).clip_norm == 2.5
+
+
+def test_apply_step_adds_the_flat_step():
+    rng = np.random.default_rng(4)
+    w = _layers(rng)
+    step = np.ones(15, np.float32)
+    out = apply_step(w, step)
+    np.testing.assert_allclose(out[0], w[0] + 1)
+    np.testing.assert_allclose(out[1], w[1] + 1)
