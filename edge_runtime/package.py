@@ -2,7 +2,8 @@
 
 A package folder holds ``extractor.onnx`` (image -> embedding, fp32),
 ``extractor.int8.onnx`` (the same, statically quantised), ``head.npz`` (bootstrap
-head), ``classifier.onnx`` (image -> probabilities) and ``manifest.json``, which names
+head), ``classifier.onnx`` (image -> probabilities), ``replay_seed.npz`` (a few adult
+training embeddings per class, replayed on the device) and ``manifest.json``, which names
 every file by role with its sha256 and says how to preprocess an image. Opening a
 package verifies the hashes: a swapped or torn file is refused, not run.
 """
@@ -25,6 +26,7 @@ ROLES = {
     "extractor_int8": "extractor.int8.onnx",
     "head": "head.npz",
     "classifier": "classifier.onnx",
+    "replay_seed": "replay_seed.npz",  # adult FER embeddings (x, y) the device replays against forgetting
 }
 
 

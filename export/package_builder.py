@@ -8,6 +8,7 @@ The package is built in a scratch folder and moved into place at the end.
 """
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.atomic import atomic_write_bytes
 from edge_runtime.head import HeadParams, OnlineHead
 from edge_runtime.metrics import summarize
 from edge_runtime.package import MANIFEST, Manifest, describe_files, read_manifest, sha256_file, write_manifest
@@ -27,6 +29,7 @@ from .onnx_export import check_parity, export_extractor, run_batched, session
 from .quantize import quantize_extractor
 from .train import load_checkpoint, predict_logits
 
+REPLAY_SEED_PER_CLASS = 64
 INT8_TOLERANCE = 0.01  # classifier.onnx uses the int8 extractor when it costs at most one point
 
 
@@ -40,6 +43,15 @@ class BuildOptions:
     threads: int = 2
     force: bool = False
     report_dir: str | None = None
+
+
+def write_replay_seed(path: Path, emb: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> None:
+    """A class-balanced sample of training embeddings, as plain arrays (x float32, y int64)."""
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(len(CLASSES))])
+    buf = io.BytesIO()
+    np.savez(buf, x=emb[idx].astype(np.float32), y=labels[idx].astype(np.int64))
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
@@ -79,6 +91,7 @@ def build_package(opts: BuildOptions, log=print) -> dict:
     emb_val32, emb_val8 = run_batched(s32, x_val), run_batched(s8, x_val)
     head = OnlineHead.fit(emb_train, train.labels, HeadParams(), max_iter=opts.head_max_iter)
     head.save(scratch / "head.npz")
+    write_replay_seed(scratch / "replay_seed.npz", emb_train, train.labels, REPLAY_SEED_PER_CLASS, tcfg["seed"])
 
     acc_torch = _accuracy(predict_logits(net, val.pixels).argmax(1), val.labels)
     acc32 = _accuracy(head.predict_proba(emb_val32).argmax(1), val.labels)

@@ -53,7 +53,7 @@ def test_export_writes_a_verified_package(tiny_run, tmp_path):
     assert export_main(["onnx", "--checkpoint", str(tiny_run / "checkpoint.pt"), "--out", str(out), "--fer", str(fer),
                         "--threads", "1"]) == 0
     pkg = open_package(out)
-    assert set(pkg.manifest.files) == {"extractor", "extractor_int8", "head", "classifier"}
+    assert set(pkg.manifest.files) == {"extractor", "extractor_int8", "head", "classifier", "replay_seed"}
     metrics = pkg.manifest.metrics
     assert metrics["onnx_parity_max_abs"] < 1e-3
     assert pkg.manifest.embedding_dim == 64
