@@ -163,6 +163,9 @@ class OnlineHead:
         n = len(classes)
         # Warm the classifier with every class so classes_ is always the full range.
         clf.partial_fit(np.zeros((n, embeddings.shape[1]), np.float32), np.arange(n), classes=np.arange(n))
+        # The warm-up's loss must not count as the best loss so far: warm-started fit keeps
+        # sklearn's early-stopping bookkeeping and would stop after n_iter_no_change epochs.
+        clf.best_loss_, clf._no_improvement_count, clf.loss_curve_ = np.inf, 0, []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf.set_params(warm_start=True)

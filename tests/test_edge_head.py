@@ -113,3 +113,13 @@ def test_l2sp_anchor_keeps_the_head_near_where_it_started(fitted):
     assert drift(held) < 0.5 * drift(free)
     with pytest.raises(ValueError, match="anchor"):
         held.learn_step(x, y, anchor=start[:1], anchor_strength=1.0)
+
+
+def test_fit_learns_a_small_separable_set():
+    """Regression: the all-classes warm-up must not trip sklearn's early stop after 11 epochs."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(140, 16)).astype(np.float32) * 0.1
+    y = np.repeat(np.arange(7), 20)
+    x[np.arange(140), y] += 1.0
+    head = OnlineHead.fit(x, y, HeadParams(hidden_layer_sizes=(32,)), max_iter=300)
+    assert np.mean(head.predict_proba(x).argmax(1) == y) > 0.95
