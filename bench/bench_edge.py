@@ -44,6 +44,7 @@ from edge_runtime.imagefolder import list_image_folder, split_items, write_split
 from edge_runtime.metrics import confusion_matrix, macro_f1  # noqa: E402
 from edge_runtime.preprocess import CLASSES, ImageError, faces_tensor  # noqa: E402
 from edge_runtime.replay import balanced_indices  # noqa: E402
+from edge_runtime.splits import stratified_split  # noqa: E402
 
 
 def _ms(times: list[float]) -> dict:
@@ -239,15 +240,8 @@ def _fer(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """FER images, labels, and the package's split: 10 % per class held out, seed 0 (see its manifest)."""
     with np.load(path, allow_pickle=False) as d:
         images, labels = d["images"], d["labels"]
-    rng = np.random.default_rng(0)
-    keep, held = [], []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        n = int(round(len(idx) * 0.1))
-        held.append(idx[:n])
-        keep.append(idx[n:])
-    return images, labels, np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+    keep, held = stratified_split(labels, 0.1, 0)
+    return images, labels, keep, held
 
 
 def _embed_faces(device: Device, pixels: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.imagefolder import list_image_folder
+from edge_runtime.splits import stratified_split  # noqa: F401  (re-exported for training)
 from edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, ImageError, PreprocessSpec, crop_face, decode_gray, resize_face
 
 
@@ -57,16 +58,3 @@ def load_image_folder(root: str | Path, spec: PreprocessSpec = DEFAULT_SPEC, det
         pixels.append(resize_face(face.pixels, spec))
         labels.append(label)
     return FaceSet(np.stack(pixels), np.asarray(labels, dtype=np.int64))
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (keep, held_out): ``fraction`` of each class held out, seeded and sorted."""
-    rng = np.random.default_rng(seed)
-    keep, held = [], []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        n_held = int(round(len(idx) * fraction))
-        held.append(idx[:n_held])
-        keep.append(idx[n_held:])
-    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))

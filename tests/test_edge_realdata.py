@@ -16,6 +16,7 @@ from conftest import REPO, require_data
 from edge_runtime.cli import main
 from edge_runtime.imagefolder import list_image_folder, split_items, write_split
 from edge_runtime.preprocess import CLASSES
+from edge_runtime.splits import stratified_split
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +26,8 @@ def _fer_folders(tmp_path, fer_npz, n_heldout=1000):
 
     with np.load(fer_npz, allow_pickle=False) as d:
         images, labels = d["images"], d["labels"]
-    rng = np.random.default_rng(0)  # the package's split: 10 % per class held out, seed 0
-    keep, held = [], []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        n = int(round(len(idx) * 0.1))
-        held.append(idx[:n])
-        keep.append(idx[n:])
-    held, keep = np.sort(np.concatenate(held))[:n_heldout], np.sort(np.concatenate(keep))
+    keep, held = stratified_split(labels, 0.1, 0)  # the package's split: 10 % per class held out, seed 0
+    held = held[:n_heldout]
     for i in held:
         p = tmp_path / "fer" / CLASSES[labels[i]] / f"{i:05d}.png"
         p.parent.mkdir(parents=True, exist_ok=True)
