@@ -26,7 +26,8 @@ from edge_runtime.imagefolder import list_image_folder, split_items, write_split
 from edge_runtime.metrics import summarize
 from edge_runtime.preprocess import CLASSES, ImageError, crop_face, decode_gray, normalize, resize_face
 from export.adapt import adabn
-from export.data import FaceSet, load_fer, stratified_split
+from edge_runtime.splits import stratified_split
+from export.data import FaceSet, load_fer
 from export.train import TrainConfig, load_checkpoint, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

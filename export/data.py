@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.imagefolder import list_image_folder
-from edge_runtime.splits import stratified_split  # noqa: F401  (re-exported for training)
 from edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, ImageError, PreprocessSpec, crop_face, decode_gray, resize_face
 
 

@@ -22,9 +22,10 @@ from edge_runtime.head import HeadParams, OnlineHead
 from edge_runtime.metrics import summarize
 from edge_runtime.package import MANIFEST, Manifest, describe_files, read_manifest, sha256_file, write_manifest
 from edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, PreprocessSpec, normalize
+from edge_runtime.splits import stratified_split
 
 from .classifier import PROBABILITIES, merge_classifier
-from .data import load_fer, stratified_split
+from .data import load_fer
 from .onnx_export import check_parity, export_extractor, run_batched, session
 from .quantize import quantize_extractor
 from .train import load_checkpoint, predict_logits

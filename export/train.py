@@ -21,9 +21,10 @@ from tqdm import tqdm
 from edge_runtime.atomic import atomic_write_text, atomic_write_with
 from edge_runtime.metrics import summarize
 from edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, normalize
+from edge_runtime.splits import stratified_split
 
 from .augment import AugmentConfig, augment
-from .data import FaceSet, load_fer, load_image_folder, stratified_split
+from .data import FaceSet, load_fer, load_image_folder
 from .model import ExpressionNet, ModelConfig, build_model
 from .plots import plot_confusion, plot_curves
 

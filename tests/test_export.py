@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 from edge_runtime.package import PackageError, open_package  # noqa: E402
 from export.cli import main as export_main  # noqa: E402
-from export.data import stratified_split  # noqa: E402
+from edge_runtime.splits import stratified_split  # noqa: E402
 from export.model import ModelConfig, build_model, load_lite0_imagenet  # noqa: E402
 
 

@@ -140,7 +140,8 @@ def test_hostile_updates_over_http_get_one_line_refusals(tmp_path, tiny_package_
     store = st.Store(f"sqlite:///{data / 'server.db'}")
     store.create_all()
     promote_package(store, data, tiny_package_dir)
-    token, other = store.add_client("cam-h"), store.add_client("cam-other")
+    token = store.add_client("cam-h")
+    store.add_client("cam-other")  # exists, so its update is refused for identity, not as unknown
     with ServerProcess(data) as server:
         client = Http(server.url, token, retries=0)
         info, head = _get_model(client)
