@@ -139,7 +139,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if args.state_dir is not None:
             if not Path(args.state_dir).is_dir():
                 raise ValueError(f"state folder {args.state_dir} does not exist")
-            shutil.copytree(args.state_dir, state, ignore=shutil.ignore_patterns("queue", "sync", ".lock", "*.tmp"))
+            shutil.copytree(args.state_dir, state, ignore=shutil.ignore_patterns("queue", "sync", ".lock", "*.tmp", "consent*"))
         config = _config(args, autosave=False, seed=args.seed, replay_seed=str(args.replay_seed) if args.replay_seed else None)
         model_dir = args.model_dir
         if model_dir is None and args.state_dir is not None:  # the package that device runs (sync may manage it)
@@ -208,11 +208,34 @@ def run_sync(args: argparse.Namespace) -> int:
     else:
         print(f"pushed {report.pushed} update(s) ({report.duplicates} already known), {len(report.rejected)} refused, "
               f"{report.pending} waiting; package {report.package_version}{' (new)' if report.package_changed else ''}, "
-              f"head {report.head_version}{' (adopted, ' + str(report.replayed) + ' samples replayed)' if report.head_changed else ''}")
+              f"head {report.head_version}{' (adopted, ' + str(report.replayed) + ' samples replayed)' if report.head_changed else ''}"
+              f"{f'; {report.crops_sent} consented crop(s) uploaded' if report.crops_sent else ''}")
         for status, reason in report.rejected:
             print(f"refused ({status}): {reason}", file=sys.stderr)
     if report.error:
         raise RuntimeError(f"sync incomplete, will resume next time: {report.error}")
+    return 0
+
+
+# --------------------------------------------------------------------------- consent
+
+
+def add_consent(sub) -> None:
+    p = sub.add_parser("consent", help="show or set whether labelled face crops may be uploaded at sync (off by default)")
+    p.add_argument("choice", nargs="?", choices=["on", "off"], help="on: share labelled crops from now on; off: stop and delete waiting ones")
+    p.add_argument("--state-dir", type=Path, default=None, help=f"device state folder (default: {default_state_dir()})")
+    p.set_defaults(func=run_consent)
+
+
+def run_consent(args: argparse.Namespace) -> int:
+    from .consent import CropOutbox, record_consent, recorded_consent
+
+    state = args.state_dir if args.state_dir is not None else default_state_dir()
+    if args.choice is not None:
+        record_consent(state, args.choice == "on")
+    share = recorded_consent(state)
+    waiting = len(CropOutbox(state)) if share else 0
+    print(f"share labelled face crops: {'on' if share else 'off'}; {waiting} waiting to be uploaded")
     return 0
 
 
@@ -240,7 +263,7 @@ def run_annotate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- main
 
-SUBCOMMANDS: list[Callable] = [add_predict, add_learn, add_queue, add_evaluate, add_sync, add_annotate]
+SUBCOMMANDS: list[Callable] = [add_predict, add_learn, add_queue, add_evaluate, add_sync, add_consent, add_annotate]
 
 
 class _Parser(argparse.ArgumentParser):

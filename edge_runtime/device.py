@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from .annotation_queue import DEFAULT_MAX_ITEMS, AnnotationQueue
+from .consent import CropOutbox, record_consent, recorded_consent
 from .extractor import DEFAULT_THREADS, Extractor
 from .head import HeadFormatError, OnlineHead
 from .package import ModelPackage, PackageError, open_package
@@ -92,6 +93,7 @@ class DeviceConfig:
     cache_size: int = 16  # recent frames whose embedding learn() can reuse
     autosave: bool = True  # save the state after every learn
     keep_generations: int = 3
+    share_crops: bool | None = None  # consent to upload labelled face crops at sync; None: as recorded in the state folder (off unless given)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -173,6 +175,9 @@ class Device:
         # face crops of learned labels, re-embedded by sync when a new extractor arrives (sync_client)
         self.samples = SampleKeeper(self.state_dir, per_class=config.replay_per_class, n_classes=len(self.classes), seed=config.seed)
         self._samples_dirty = False
+        if config.share_crops is not None:
+            record_consent(self.state_dir, config.share_crops)  # False also deletes crops waiting to be sent
+        self.outbox: CropOutbox | None = CropOutbox(self.state_dir) if recorded_consent(self.state_dir) else None
         self._last_queued = float("-inf")
         self._lock = threading.RLock()
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
@@ -426,6 +431,8 @@ class Device:
         if hit is not None:
             self.samples.add(hit.crop, y, save=False)  # written with the next snapshot (save())
             self._samples_dirty = True
+            if self.outbox is not None:
+                self.outbox.add(hit.crop, y)
 
     def _rng(self) -> np.random.Generator:
         """Seeded by the label count, so a restarted device draws the same replay as one that never stopped."""

@@ -51,6 +51,7 @@ import numpy as np
 
 from . import wire
 from .atomic import atomic_write_bytes, atomic_write_text
+from .consent import CROPS_FORMAT, CropOutbox, batch_key
 from .head import OnlineHead
 from .package import MANIFEST, PackageError, open_package
 from .samples import SampleKeeper
@@ -222,6 +223,8 @@ class Learner(Protocol):
 
     def metrics(self) -> dict:
         """Local numbers to report with an update."""
+
+    # optional: ``crop_outbox() -> Optional[CropOutbox]``, consented crops to upload (None: not opted in)
 
 
 # --------------------------------------------------------------------------- merge policy
@@ -426,6 +429,7 @@ class SyncReport:
     package_version: Optional[str] = None
     head_version: Optional[int] = None
     replayed: int = 0
+    crops_sent: int = 0  # consented face crops the server stored (only when the device opted in)
     error: Optional[str] = None
 
     def to_dict(self) -> dict:
@@ -511,6 +515,26 @@ class Syncer:
                 report.rejected.append((resp.status, resp.reason))
             else:
                 raise SyncError(f"POST /v1/updates: HTTP {resp.status} {resp.reason}")
+
+    # ------------------------------------------------------------ 2b. consented crops
+    def push_crops(self, report: SyncReport, batch: int = 128) -> None:
+        """Upload labelled face crops, oldest first, only if the device's owner opted in
+        (``learner.crop_outbox()`` is None otherwise and nothing is sent)."""
+        outbox = getattr(self.learner, "crop_outbox", lambda: None)()
+        while outbox is not None and len(outbox):
+            crops, labels = outbox.batch(batch)
+            meta = {"format": CROPS_FORMAT, "device": self._name(), "package_version": self.learner.package_version(),
+                    "idempotency_key": batch_key(self._name(), crops, labels)}
+            resp = self.http.request("POST", "/v1/crops", body=wire.encode(meta, {"crops": crops, "labels": labels}),
+                                     headers={"Content-Type": wire.CONTENT_TYPE})
+            _raise_for_auth(resp)
+            if resp.status in (200, 201):
+                report.crops_sent += len(labels)
+            elif 400 <= resp.status < 500:  # refused for good (e.g. another input size): these copies are dropped
+                report.rejected.append((resp.status, f"crops: {resp.reason}"))
+            else:
+                raise SyncError(f"POST /v1/crops: HTTP {resp.status} {resp.reason}")
+            outbox.acknowledge(len(labels))
 
     # ------------------------------------------------------------ 3 + 4. pull and merge
     def pull(self, report: SyncReport) -> None:
@@ -620,6 +644,7 @@ class Syncer:
             self.first_contact()
             report.queued = self.snapshot()
             self.push(report)
+            self.push_crops(report)
             self.pull(report)
         except AuthError:
             raise
@@ -709,6 +734,9 @@ class DeviceLearner:
         self.device.adopt_head(head)
         if not self.device.config.autosave:
             self.device.save()
+
+    def crop_outbox(self) -> Optional[CropOutbox]:
+        return self.device.outbox
 
     def metrics(self) -> dict:
         c = self.device.counters

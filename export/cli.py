@@ -1,4 +1,4 @@
-"""``infantino-export``: train, export to ONNX, publish."""
+"""``infantino-export``: train, export to ONNX, publish to the sync server (gated)."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,24 @@ def _onnx(args: argparse.Namespace) -> int:
     build_package(BuildOptions(checkpoint=args.checkpoint, out=args.out, fer=args.fer, threads=args.threads,
                                force=args.force, report_dir=args.report_dir))
     return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    import os
+
+    from edge_runtime.sync_client import SyncError
+
+    from .publish import describe, publish
+
+    token = args.admin_token or os.environ.get("INFANTINO_ADMIN_TOKEN")
+    if not token:
+        raise ValueError("give --admin-token or set INFANTINO_ADMIN_TOKEN")
+    try:
+        status, answer = publish(args.package, args.server, token, force=args.force)
+    except SyncError as exc:
+        raise ValueError(str(exc)) from None
+    print(describe(answer))
+    return 0 if status == 200 else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--force", action="store_true", help="replace a package that scores better")
     o.add_argument("--report-dir", help="also write a confusion matrix and metrics JSON here")
     o.set_defaults(func=_onnx)
+
+    p = sub.add_parser("publish", help="send a package to the sync server; promoted only if it passes the gate")
+    p.add_argument("package", help="model package folder (written by `onnx`)")
+    p.add_argument("--server", required=True, metavar="URL", help="sync server, e.g. http://127.0.0.1:8080")
+    p.add_argument("--admin-token", help="the server's admin token (default: $INFANTINO_ADMIN_TOKEN)")
+    p.add_argument("--force", action="store_true", help="promote even if the gate refuses it (recorded as forced)")
+    p.set_defaults(func=_publish)
     return parser
 
 

@@ -47,11 +47,16 @@ def load_fer(path: str | Path, spec: PreprocessSpec = DEFAULT_SPEC, limit: int |
 
 
 def load_image_folder(root: str | Path, spec: PreprocessSpec = DEFAULT_SPEC, detect: bool = True) -> FaceSet:
-    """Decode, face-crop and resize every photo of an ImageFolder tree; unreadable ones are skipped."""
+    """Decode, face-crop and resize every photo of an ImageFolder tree; unreadable ones are skipped.
+
+    An image already at the model's input size is taken as a face crop (what devices upload,
+    ``infantino-server crops export``) and is not searched for a face again.
+    """
     pixels, labels = [], []
     for path, label in list_image_folder(root):
         try:
-            face = crop_face(decode_gray(path), spec, detect=detect)
+            gray = decode_gray(path)
+            face = crop_face(gray, spec, detect=detect and gray.shape != tuple(spec.size))
         except ImageError:
             continue
         pixels.append(resize_face(face.pixels, spec))

@@ -40,7 +40,10 @@ DEFAULTS = {
     "BACKGROUND": True,          # aggregator and MLflow threads in each process
     "TRACKING_POLL_S": 5.0,
     "DELTA_RETENTION_S": 7 * 24 * 3600,  # arrays of aggregated updates are kept this long (rows forever)
-    "FAULT_AGGREGATE_PAUSE_S": 0.0,  # fault injection for tests: hold the aggregation transaction open
+    "FAULT_AGGREGATE_PAUSE_S": 0.0,
+    "GATE_DIRS": [],             # held-out ImageFolder sets a published package is judged on (the first decides)
+    "GATE_TOLERANCE": 0.0,       # accuracy the candidate may lose on the first set and still pass
+    "MAX_PACKAGE_BYTES": 256 * 1024 * 1024,  # fault injection for tests: hold the aggregation transaction open
 }
 
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from flask import Blueprint, abort, current_app, g, jsonify, request, send_file
 
 from edge_runtime import wire
 
-from . import models
+from . import crops, models, publish
 from .auth import require
 from .store import StoreBusy, UpdateRecord
 
@@ -230,6 +231,71 @@ def _receipt_response(update_id: int, same_body: bool, duplicate: bool):
     if not same_body:
         abort(409, "idempotency key already used for a different update")
     return jsonify(update_id=update_id, status="received", duplicate=duplicate), 200
+
+
+# --------------------------------------------------------------------------- consented crops
+
+
+@bp.post("/crops")
+@require("device")
+def post_crops():
+    """Labelled face crops from a device whose owner opted in; stored per device, once each."""
+    s = state()
+    serving = _served()
+    body = _read_body(current_app.config["MAX_UPDATE_BYTES"])
+    try:
+        meta, arrays = wire.decode(body, max_entries=4, max_inflated=current_app.config["MAX_UPDATE_BYTES"] * 4)
+        batch = crops.check_batch(meta, arrays, g.client.name, tuple(serving.manifest["input"]["size"]),
+                                  len(serving.manifest["classes"]))
+    except wire.WireError as exc:
+        abort(400, str(exc))
+    except crops.CropError as exc:
+        abort(exc.status, str(exc))
+    try:
+        stored, known = crops.store_batch(s.store, g.client.id, batch, str(meta.get("package_version", ""))[:128])
+    except StoreBusy as exc:
+        abort(503, f"{exc}; retry the same batch")
+    return jsonify(stored=stored, already_known=known), 201
+
+
+@bp.delete("/crops")
+@require("device")
+def delete_crops():
+    """A device withdrawing consent: all of its crops go."""
+    return jsonify(deleted=crops.purge_client(state().store, g.client.id))
+
+
+@bp.get("/admin/crops")
+@require("admin")
+def admin_crops():
+    return jsonify(crops=crops.counts(state().store))
+
+
+@bp.post("/admin/packages")
+@require("admin")
+def admin_publish():
+    """A package as an uncompressed tar of its files: gated against the served one, promoted if it passes."""
+    s = state()
+    cfg = current_app.config
+    force = request.args.get("force", "false").lower() in ("1", "true", "yes")
+    body = _read_body(int(cfg["MAX_PACKAGE_BYTES"]))
+    folder = None
+    try:
+        folder = publish.unpack_tar(body, Path(s.data_dir) / "staging", int(cfg["MAX_PACKAGE_BYTES"]))
+        result = publish.publish(s.store, s.data_dir, folder, publish.gate_dirs(cfg), float(cfg["GATE_TOLERANCE"]), force)
+    except publish.PublishError as exc:
+        abort(exc.status, str(exc))
+    except StoreBusy as exc:
+        abort(503, str(exc))
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+    if s.tracker is not None:
+        s.tracker.kick()
+    if not result["promoted"]:
+        return jsonify(error=f"gate refused package {result['package_version']}: {result['gate']['reason']}",
+                       status=409, **result), 409
+    return jsonify(result), 200
 
 
 # --------------------------------------------------------------------------- admin

@@ -1,9 +1,10 @@
 """``infantino-server``: run the sync server and administer it.
 
     infantino-server run [--data-dir DIR] [--host 127.0.0.1] [--port 8080] [--workers 2]
-    infantino-server device add NAME | list | revoke NAME
+    infantino-server device add NAME | list | revoke NAME | purge NAME
+    infantino-server crops list | export DIR [--device NAME]
     infantino-server admin-token
-    infantino-server promote PACKAGE_DIR | --head-version N
+    infantino-server promote PACKAGE_DIR [--gate-dir DIR ...] | --head-version N
     infantino-server aggregate [--min-updates 1]
     infantino-server status | flush-tracking
 
@@ -57,6 +58,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         env[f"INFANTINO_{key}"] = str(value)
     if args.aggregate_k is not None:
         env["INFANTINO_AGGREGATE_K"] = str(args.aggregate_k)
+    if args.gate_dir:
+        env["INFANTINO_GATE_DIRS"] = os.pathsep.join(str(Path(d).resolve()) for d in args.gate_dir)
     if args.strategy:
         json.loads(args.strategy)
         env["INFANTINO_STRATEGY"] = args.strategy
@@ -102,6 +105,10 @@ def cmd_device(args: argparse.Namespace) -> int:
         elif args.action == "revoke":
             state.store.revoke(args.name)
             print(f"device {args.name!r} revoked")
+        elif args.action == "purge":
+            from .crops import purge
+
+            print(f"deleted {purge(state.store, args.name)} crop(s) of device {args.name!r}")
         else:
             rows = [c for c in state.store.list_clients() if c["kind"] == "device"]
             if args.json:
@@ -114,6 +121,34 @@ def cmd_device(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_crops(args: argparse.Namespace) -> int:
+    from . import crops
+    from .store import StoreError
+
+    state = _state(args)
+    if args.action == "list":
+        rows = crops.counts(state.store)
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            print(f"{'device':24} {'label':>5} {'crops':>6}")
+            for r in rows:
+                print(f"{r['device']:24} {r['label']:5d} {r['n']:6d}")
+            print(f"{sum(r['n'] for r in rows)} crop(s) from {len({r['device'] for r in rows})} device(s)")
+        return 0
+    serving = state.store.serving()
+    if serving is None:
+        print("error: nothing is served yet, so the class names are unknown", file=sys.stderr)
+        return 1
+    try:
+        n = crops.export_folder(state.store, Path(args.out), list(serving.manifest["classes"]), args.device)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {n} crop(s) to {args.out} (ImageFolder; train with infantino-export train --images {args.out})")
     return 0
 
 
@@ -136,6 +171,17 @@ def cmd_promote(args: argparse.Namespace) -> int:
             result = serve_aliases(state.store, *state.tracker.alias_targets())
         elif args.head_version is not None:
             result = serve_head(state.store, args.head_version)
+        elif args.package_dir and (args.gate_dir or args.force):
+            from .publish import PublishError, publish
+
+            try:
+                result = publish(state.store, state.data_dir, Path(args.package_dir), args.gate_dir or [],
+                                 args.tolerance, args.force)
+            except PublishError as exc:
+                raise PromoteError(str(exc)) from None
+            _flush(state, quiet=args.no_tracking)
+            print(json.dumps(result))
+            return 0 if result["promoted"] else 1
         elif args.package_dir:
             result = promote_package(state.store, state.data_dir, Path(args.package_dir))
         else:
@@ -207,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=2)
     r.add_argument("--threads", type=int, default=16)
     r.add_argument("--aggregate-k", type=int, help="step once K updates are buffered (default 10)")
+    r.add_argument("--gate-dir", action="append", help="held-out ImageFolder set published packages are judged on (repeatable)")
     r.add_argument("--strategy", help='JSON, e.g. {"rule": "trimmed_mean", "clip_norm": "median"}')
     r.add_argument("--access-log", action="store_true")
     r.add_argument("--dev", action="store_true", help="werkzeug's threaded development server instead of gunicorn")
@@ -214,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("device", help="add, list or revoke devices")
     dsub = d.add_subparsers(dest="action", required=True)
-    for action in ("add", "revoke"):
+    for action in ("add", "revoke", "purge"):
         a = dsub.add_parser(action)
         _common(a)
         a.add_argument("name")
@@ -223,6 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ls)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_device, action="list")
+
+    c = sub.add_parser("crops", help="consented face crops: list them, export them for fine-tuning")
+    csub = c.add_subparsers(dest="action", required=True)
+    cl = csub.add_parser("list")
+    _common(cl)
+    cl.add_argument("--json", action="store_true")
+    cl.set_defaults(func=cmd_crops, action="list")
+    ce = csub.add_parser("export")
+    _common(ce)
+    ce.add_argument("out", help="folder to write <class>/<device>-<id>.png into")
+    ce.add_argument("--device", help="only this device's crops")
+    ce.set_defaults(func=cmd_crops, action="export")
 
     t = sub.add_parser("admin-token", help="issue (or rotate) the admin token")
     _common(t)
@@ -234,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--head-version", type=int, help="serve this existing head version (a rollback)")
     pr.add_argument("--from-mlflow-alias", action="store_true",
                     help="serve what the 'production' aliases of infantino-extractor / infantino-head name in MLflow")
+    pr.add_argument("--gate-dir", action="append", help="held-out ImageFolder set: promote only if the package is not "
+                                                         "worse than the served one on the first (repeatable)")
+    pr.add_argument("--tolerance", type=float, default=0.0, help="accuracy the package may lose and still pass the gate")
+    pr.add_argument("--force", action="store_true", help="promote even without or against the gate (recorded)")
     pr.add_argument("--no-tracking", action="store_true", help="leave the MLflow logging to the server")
     pr.set_defaults(func=cmd_promote)
 

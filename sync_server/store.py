@@ -126,6 +126,30 @@ outbox = Table(
     Index("ix_outbox_pending", "done_at", "id"),
 )
 
+crops = Table(
+    "crops", metadata,  # consented, caregiver-labelled face crops (uploaded only by devices that opted in)
+    Column("id", Integer, primary_key=True),
+    Column("client_id", Integer, ForeignKey("clients.id"), nullable=False),
+    Column("label", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("pixels", LargeBinary, nullable=False),  # raw uint8, row-major
+    Column("sha256", String(64), nullable=False),
+    Column("package_version", String(128), nullable=False),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("client_id", "sha256", name="uq_crops_client_sha"),
+)
+
+gates = Table(
+    "gates", metadata,  # every publish decision: both packages' scores on the held-out sets
+    Column("id", Integer, primary_key=True),
+    Column("created_at", Float, nullable=False),
+    Column("candidate_version", String(128), nullable=False),
+    Column("current_version", String(128)),
+    Column("passed", Integer, nullable=False),
+    Column("result", Text, nullable=False),  # JSON of gate.GateResult
+)
+
 locks = Table(
     "locks", metadata,
     Column("name", String(32), primary_key=True),

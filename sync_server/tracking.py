@@ -38,6 +38,7 @@ HEAD_MODEL = "infantino-head"
 ALIAS = "production"
 PACKAGE_EXPERIMENT = "infantino-packages"
 FEDERATED_EXPERIMENT = "infantino-federated"
+GATE_EXPERIMENT = "infantino-gates"
 LEASE = "tracking"
 
 
@@ -200,6 +201,8 @@ class Tracker:
             self._log_package(item["ref"])
         elif item["kind"] == "aggregation":
             self._log_aggregation(int(item["ref"]))
+        elif item["kind"] == "gate":
+            self._log_gate(int(item["ref"]))
         elif item["kind"] == "serve":
             pass  # a rollback: nothing to log, the aliases follow below
         else:
@@ -235,6 +238,34 @@ class Tracker:
             hv = self._head_version_for(run, head_row.version, version, source="bootstrap")
             self.store.set_mlflow_version("heads", head_row.version, hv)
         client.set_terminated(rid)
+
+    def _log_gate(self, gate_id: int) -> None:
+        """A publish decision: both packages' scores on every held-out set, the verdict as a tag."""
+        from mlflow.entities import Metric, Param
+        from sqlalchemy import select
+
+        with self.store.read() as conn:
+            row = conn.execute(select(st.gates).where(st.gates.c.id == gate_id)).first()
+        if row is None:
+            raise ValueError(f"gate decision {gate_id} is not in the store")
+        result = json.loads(row.result)
+        run = self._run_for(GATE_EXPERIMENT, f"gate:{gate_id}", f"gate-{gate_id}-{row.candidate_version}"[:250], row.created_at)
+        rid = run.info.run_id
+        if not run.data.params:
+            ts = int(row.created_at * 1000)
+            metrics = []
+            for who in ("candidate", "current"):
+                for s in result.get(who) or []:
+                    name = "".join(c if c.isalnum() or c in "_-." else "_" for c in Path(s["path"]).name)[:60]
+                    metrics += [Metric(f"{who}_accuracy.{name}", float(s["accuracy"]), ts, 0),
+                                Metric(f"{who}_macro_f1.{name}", float(s["macro_f1"]), ts, 0)]
+            params = [Param("candidate_version", row.candidate_version), Param("current_version", str(row.current_version)),
+                      Param("tolerance", str(result.get("tolerance"))),
+                      Param("held_out_sets", ",".join(s["path"] for s in result.get("candidate") or [])[:500])]
+            self.client().log_batch(rid, metrics=metrics, params=params)
+            self.client().set_tag(rid, "decision", "promoted" if row.passed else "refused")
+            self.client().set_tag(rid, "reason", result.get("reason", "")[:4900])
+        self.client().set_terminated(rid, end_time=int(time.time() * 1000))
 
     def _head_version_for(self, run, head_version: int, package_version: str, source: str) -> str:
         return self._model_version(HEAD_MODEL, run, "head", {"head_version": head_version, "package_version": package_version,

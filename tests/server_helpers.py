@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
+import shutil
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -19,10 +17,15 @@ import numpy as np
 import pytest
 
 from edge_runtime import wire
+from sync_server.process import REPO, ServerProcess, free_port  # noqa: F401 - re-exported for the tests
+from edge_runtime.device import Device, DeviceConfig
+from edge_runtime.sync_client import DeviceLearner, Http
+from sync_server import store as st
+from sync_server.models import promote_package
+from tiny_package import synthetic_face
 
 PG_URL = os.environ.get("INFANTINO_TEST_PG_URL")
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not PG_URL, reason="INFANTINO_TEST_PG_URL not set (.ci/pg.sh)"))]
-REPO = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
@@ -52,12 +55,6 @@ def store_url_for(backend: str, folder: Path) -> Iterator[str]:
             yield url
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_update(info: dict, layers, device: str, *, shift: float = 0.01, key: Optional[str] = None, n_samples: int = 5,
                 metrics: Optional[dict] = None, kind: str = "weights", base_head_version: Optional[int] = None,
                 base_package_version: Optional[str] = None) -> bytes:
@@ -70,68 +67,58 @@ def make_update(info: dict, layers, device: str, *, shift: float = 0.01, key: Op
     )
 
 
-class ServerProcess:
-    """``infantino-server run`` (gunicorn, gthread workers) on 127.0.0.1, in its own process group."""
-
-    def __init__(self, data_dir: Path, *, db_url: Optional[str] = None, mlflow_uri: str = "off", workers: int = 2,
-                 aggregate_k: int = 1000, env: Optional[dict] = None, port: Optional[int] = None, threads: int = 8):
-        self.data_dir = Path(data_dir)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = self.data_dir / f"server-{self.port}.log"
-        self.argv = [sys.executable, "-m", "sync_server.cli", "run", "--data-dir", str(self.data_dir), "--port", str(self.port),
-                     "--workers", str(workers), "--threads", str(threads), "--mlflow-uri", mlflow_uri,
-                     "--aggregate-k", str(aggregate_k)]
-        if db_url:
-            self.argv += ["--db-url", db_url]
-        self.env = {**os.environ, **(env or {})}
-        self.proc: Optional[subprocess.Popen] = None
-
-    def start(self, timeout_s: float = 60.0) -> "ServerProcess":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
-                                     start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/v1/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        self.kill()
-        raise RuntimeError(f"server did not answer within {timeout_s} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Kill the whole process group (master and workers)."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=20)
-        self.proc = None
-
-    def stop(self) -> None:
-        self.kill(signal.SIGTERM)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.kill()
-
-
 def cli(*args: str, env: Optional[dict] = None, check: bool = True) -> subprocess.CompletedProcess:
     res = subprocess.run([sys.executable, "-m", "sync_server.cli", *args], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, **(env or {})}, timeout=120)
     if check and res.returncode != 0:
         raise AssertionError(f"infantino-server {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
     return res
+
+
+# --------------------------------------------------------------------------- a served tiny package, real devices
+
+CONFIG = DeviceConfig(detect_faces=False, holdout_every=0, threads=1)
+
+
+class Server:
+    """A promoted tiny package, an admin token and a 2-worker server process."""
+
+    def __init__(self, root: Path, package: Path, aggregate_k: int = 1000, env: dict | None = None, mlflow_uri: str = "off"):
+        self.data = root / "server"
+        self.data.mkdir(parents=True)
+        self.store = st.Store(st.sqlite_url(self.data / "server.db"))
+        self.store.create_all()
+        promote_package(self.store, self.data, package)
+        self.admin = self.store.rotate_admin()
+        self.tokens: dict[str, str] = {}
+        self.process = ServerProcess(self.data, aggregate_k=aggregate_k, env=env, mlflow_uri=mlflow_uri)
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    def token(self, name: str) -> str:
+        if name not in self.tokens:
+            self.tokens[name] = self.store.add_client(name)
+        return self.tokens[name]
+
+    def aggregate(self) -> dict:
+        return Http(self.url, self.admin).request("POST", "/v1/admin/aggregate", body=b"{}",
+                                                  headers={"Content-Type": "application/json"}).json()
+
+    def close(self) -> None:
+        self.process.kill()
+        self.store.dispose()
+
+
+def new_device(root: Path, package: Path, name: str) -> DeviceLearner:
+    model = root / f"{name}-model"
+    if not model.exists():
+        shutil.copytree(package, model)
+    return DeviceLearner(Device(model, root / f"{name}-state", CONFIG))
+
+
+def teach(learner: DeviceLearner, labels, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for y in labels:
+        learner.learn(synthetic_face(int(y), rng), int(y))

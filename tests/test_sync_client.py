@@ -3,53 +3,17 @@ from __future__ import annotations
 
 import shutil
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge_runtime.device import Device, DeviceConfig
+from edge_runtime.device import Device
 from edge_runtime.package import open_package
 from edge_runtime.sync_client import (DeviceLearner, Http, MergePolicy, SyncError, SyncState, adopt_and_replay,
                                       managed_model_dir, sync_device)
-from server_helpers import ServerProcess, free_port
-from sync_server import store as st
+from server_helpers import CONFIG, Server, free_port, new_device, teach
 from sync_server.models import promote_package
 from tiny_package import build_tiny_package, synthetic_face
-
-CONFIG = DeviceConfig(detect_faces=False, holdout_every=0, threads=1)
-
-
-class Server:
-    """A promoted tiny package, an admin token and a 2-worker server process."""
-
-    def __init__(self, root: Path, package: Path, aggregate_k: int = 1000, env: dict | None = None):
-        self.data = root / "server"
-        self.data.mkdir(parents=True)
-        self.store = st.Store(st.sqlite_url(self.data / "server.db"))
-        self.store.create_all()
-        promote_package(self.store, self.data, package)
-        self.admin = self.store.rotate_admin()
-        self.tokens: dict[str, str] = {}
-        self.process = ServerProcess(self.data, aggregate_k=aggregate_k, env=env)
-
-    @property
-    def url(self) -> str:
-        return self.process.url
-
-    def token(self, name: str) -> str:
-        if name not in self.tokens:
-            self.tokens[name] = self.store.add_client(name)
-        return self.tokens[name]
-
-    def aggregate(self) -> dict:
-        return Http(self.url, self.admin).request("POST", "/v1/admin/aggregate", body=b"{}",
-                                                  headers={"Content-Type": "application/json"}).json()
-
-    def close(self) -> None:
-        self.process.kill()
-        self.store.dispose()
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_package_dir):
@@ -57,19 +21,6 @@ def server(tmp_path_factory, tiny_package_dir):
     srv.process.start()
     yield srv
     srv.close()
-
-
-def new_device(root: Path, package: Path, name: str) -> DeviceLearner:
-    model = root / f"{name}-model"
-    if not model.exists():
-        shutil.copytree(package, model)
-    return DeviceLearner(Device(model, root / f"{name}-state", CONFIG))
-
-
-def teach(learner: DeviceLearner, labels, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    for y in labels:
-        learner.learn(synthetic_face(int(y), rng), int(y))
 
 
 def sync(learner: DeviceLearner, server: Server, name: str, **kw):

@@ -45,8 +45,13 @@ def synthetic_face(label: int, rng: np.random.Generator, size: int = 64) -> np.n
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def build_tiny_package(folder: Path, version: str = "tiny-1", seed: int = 0) -> Path:
-    """Write extractor.onnx, head.npz (fitted on synthetic faces) and manifest.json."""
+def build_tiny_package(folder: Path, version: str = "tiny-1", seed: int = 0, head_epochs: int = 11,
+                       scramble_labels: bool = False) -> Path:
+    """Write extractor.onnx, head.npz (fitted on synthetic faces) and manifest.json.
+
+    ``head_epochs`` trains the head longer (a better package); ``scramble_labels`` fits it on
+    permuted labels (a package that is clearly worse), for the publish-gate tests.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weight = linear_extractor(folder / "extractor.onnx", seed=seed)
@@ -56,7 +61,8 @@ def build_tiny_package(folder: Path, version: str = "tiny-1", seed: int = 0) -> 
     emb = faces_tensor(faces).reshape(len(faces), -1) @ weight
     # Deliberately under-trained (11 epochs): the tiny head stays unsure, so its frames queue
     # for annotation and learning visibly moves it, which the device and page tests rely on.
-    head = OnlineHead.fit(emb, labels, HeadParams(hidden_layer_sizes=(32,)), max_iter=11)
+    fit_labels = np.random.default_rng(seed + 1).permutation(labels) if scramble_labels else labels
+    head = OnlineHead.fit(emb, fit_labels, HeadParams(hidden_layer_sizes=(32,)), max_iter=head_epochs)
     head.save(folder / "head.npz")
     manifest = Manifest(
         version=version, preprocess=DEFAULT_SPEC, embedding_dim=EMBED_DIM, files=describe_files(folder),
@@ -64,3 +70,4 @@ def build_tiny_package(folder: Path, version: str = "tiny-1", seed: int = 0) -> 
     )
     write_manifest(folder, manifest)
     return folder
+

@@ -1,0 +1,121 @@
+"""Consented infant face crops: validate, store per device, list, export, purge.
+
+Only devices whose owner opted in send crops (``edge_runtime.consent``); the server keeps
+them per device so that one request (``infantino-server device purge NAME``) deletes all
+of a device's crops. Exported as an ImageFolder tree of PNGs, they are what
+``infantino-export train --images DIR`` fine-tunes the extractor on.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import delete, func, insert, select
+
+from edge_runtime.consent import CROPS_FORMAT
+
+from . import store as st
+
+MAX_CROPS_PER_BATCH = 512
+
+
+class CropError(ValueError):
+    """A crop upload that cannot be stored (one line); the HTTP status says whose fault."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class CropBatch:
+    crops: np.ndarray  # (N, H, W) uint8
+    labels: np.ndarray  # (N,) int64
+
+
+def check_batch(meta: dict, arrays: dict, device: str, size: tuple[int, int], n_classes: int) -> CropBatch:
+    """A decoded ``POST /v1/crops`` body as a ``CropBatch``, or ``CropError`` saying what is wrong."""
+    if meta.get("format") != CROPS_FORMAT:
+        raise CropError(f"meta.format must be {CROPS_FORMAT!r}", 400)
+    if meta.get("device") != device:
+        raise CropError(f"this token belongs to device {device!r}; crops may not claim another device", 403)
+    if set(arrays) != {"crops", "labels"}:
+        raise CropError(f"arrays must be exactly crops and labels, not {', '.join(sorted(arrays))[:120]}", 400)
+    crops, labels = arrays["crops"], arrays["labels"]
+    if crops.dtype != np.uint8 or crops.ndim != 3 or tuple(crops.shape[1:]) != tuple(size):
+        raise CropError(f"crops must be uint8 of shape (N, {size[0]}, {size[1]}), not {crops.dtype} {crops.shape}")
+    if labels.dtype.kind not in "iu" or labels.shape != (crops.shape[0],):
+        raise CropError(f"labels must be {crops.shape[0]} integers, not {labels.dtype} {labels.shape}")
+    if not 1 <= len(labels) <= MAX_CROPS_PER_BATCH:
+        raise CropError(f"a batch holds 1 to {MAX_CROPS_PER_BATCH} crops, not {len(labels)}")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise CropError(f"labels must be class indices 0..{n_classes - 1}")
+    return CropBatch(np.ascontiguousarray(crops), labels.astype(np.int64))
+
+
+def store_batch(store: st.Store, client_id: int, batch: CropBatch, package_version: str) -> tuple[int, int]:
+    """Insert the crops this device has not sent before; returns (stored, already known)."""
+    rows = []
+    for crop, label in zip(batch.crops, batch.labels):
+        digest = hashlib.sha256(crop.tobytes() + int(label).to_bytes(2, "little")).hexdigest()
+        rows.append({"client_id": client_id, "label": int(label), "height": crop.shape[0], "width": crop.shape[1],
+                     "pixels": crop.tobytes(), "sha256": digest, "package_version": package_version, "created_at": time.time()})
+    unique = list({r["sha256"]: r for r in rows}.values())
+    with store.write() as conn:
+        known = set(conn.execute(select(st.crops.c.sha256).where(
+            st.crops.c.client_id == client_id, st.crops.c.sha256.in_([r["sha256"] for r in unique]))).scalars())
+        new = [r for r in unique if r["sha256"] not in known]
+        if new:
+            conn.execute(insert(st.crops), new)
+    return len(new), len(rows) - len(new)
+
+
+def counts(store: st.Store) -> list[dict]:
+    """Crops per device and class: ``[{"device", "label", "n"}]``."""
+    q = (select(st.clients.c.name, st.crops.c.label, func.count().label("n"))
+         .join(st.clients, st.clients.c.id == st.crops.c.client_id)
+         .group_by(st.clients.c.name, st.crops.c.label).order_by(st.clients.c.name, st.crops.c.label))
+    with store.read() as conn:
+        return [{"device": r.name, "label": int(r.label), "n": int(r.n)} for r in conn.execute(q)]
+
+
+def _client_id(conn, name: str) -> int:
+    cid = conn.execute(select(st.clients.c.id).where(st.clients.c.name == name, st.clients.c.kind == "device")).scalar()
+    if cid is None:
+        raise st.StoreError(f"no device named {name!r}")
+    return int(cid)
+
+
+def purge(store: st.Store, device: str) -> int:
+    """Delete every crop of ``device`` (revoked or not); returns how many."""
+    with store.write() as conn:
+        cid = _client_id(conn, device)
+        return int(conn.execute(delete(st.crops).where(st.crops.c.client_id == cid)).rowcount or 0)
+
+
+def purge_client(store: st.Store, client_id: int) -> int:
+    """A device withdrawing its own consent (``DELETE /v1/crops``)."""
+    with store.write() as conn:
+        return int(conn.execute(delete(st.crops).where(st.crops.c.client_id == client_id)).rowcount or 0)
+
+
+def export_folder(store: st.Store, out: Path, classes: list[str], device: str | None = None) -> int:
+    """Write ``out/<class>/<device>-<id>.png`` for every stored crop (of one device if given)."""
+    from PIL import Image
+
+    q = select(st.crops.c.id, st.crops.c.label, st.crops.c.height, st.crops.c.width, st.crops.c.pixels,
+               st.clients.c.name).join(st.clients, st.clients.c.id == st.crops.c.client_id).order_by(st.crops.c.id)
+    n = 0
+    with store.read() as conn:
+        if device is not None:
+            q = q.where(st.crops.c.client_id == _client_id(conn, device))
+        for r in conn.execute(q):
+            folder = Path(out) / classes[r.label]
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = np.frombuffer(r.pixels, np.uint8).reshape(r.height, r.width)
+            Image.fromarray(pixels).save(folder / f"{r.name}-{r.id}.png")
+            n += 1
+    return n

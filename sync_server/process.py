@@ -1,0 +1,84 @@
+"""A real ``infantino-server run`` (gunicorn) child process on loopback, for demos, benchmarks and tests.
+
+Started in its own process group so that stopping it also stops the gunicorn workers;
+ready once ``/v1/health`` answers.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``infantino-server run`` (gunicorn, gthread workers) on 127.0.0.1, in its own process group."""
+
+    def __init__(self, data_dir: Path, *, db_url: Optional[str] = None, mlflow_uri: str = "off", workers: int = 2,
+                 aggregate_k: int = 1000, env: Optional[dict] = None, port: Optional[int] = None, threads: int = 8):
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.data_dir / f"server-{self.port}.log"
+        self.argv = [sys.executable, "-m", "sync_server.cli", "run", "--data-dir", str(self.data_dir), "--port", str(self.port),
+                     "--workers", str(workers), "--threads", str(threads), "--mlflow-uri", mlflow_uri,
+                     "--aggregate-k", str(aggregate_k)]
+        if db_url:
+            self.argv += ["--db-url", db_url]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, timeout_s: float = 60.0) -> "ServerProcess":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v1/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"server did not answer within {timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the whole process group (master and workers)."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.kill()

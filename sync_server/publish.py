@@ -1,0 +1,113 @@
+"""Publishing a model package: unpack an upload safely, gate it, promote it only if it passes.
+
+Every decision is stored (``gates`` table) and logged to MLflow through the outbox with
+both packages' numbers. A refused candidate leaves the serving row exactly as it was.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from sqlalchemy import insert
+
+from edge_runtime.package import PackageError, open_package
+
+from . import store as st
+from .gate import GateResult, run_gate
+from .models import PromoteError, promote_package
+
+MAX_PACKAGE_FILES = 16
+
+
+class PublishError(ValueError):
+    """A package that cannot be published (one line); ``status`` is the HTTP answer."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+def unpack_tar(body: bytes, dest_parent: Path, max_bytes: int) -> Path:
+    """Unpack an uncompressed tar of flat package files into a new folder under ``dest_parent``.
+
+    Only regular files with plain names (no folders, links, ``..`` or hidden names) are taken;
+    anything else refuses the whole upload.
+    """
+    dest_parent.mkdir(parents=True, exist_ok=True)
+    dest = Path(tempfile.mkdtemp(prefix="upload-", dir=dest_parent))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(body), mode="r:") as tar:
+            members = tar.getmembers()
+            if not members or len(members) > MAX_PACKAGE_FILES:
+                raise PublishError(f"a package upload holds 1 to {MAX_PACKAGE_FILES} files, not {len(members)}", 400)
+            if sum(m.size for m in members) > max_bytes:
+                raise PublishError(f"package files add up to more than {max_bytes} bytes", 413)
+            for m in members:
+                if not m.isfile() or Path(m.name).name != m.name or m.name.startswith(".") or not m.name:
+                    raise PublishError(f"tar member {m.name[:80]!r} is not a plain file name; refusing the upload", 400)
+                with tar.extractfile(m) as src, open(dest / m.name, "xb") as out:
+                    shutil.copyfileobj(src, out)
+    except tarfile.TarError as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise PublishError(f"body is not an uncompressed tar of the package files ({exc})", 400) from None
+    except FileExistsError:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise PublishError("a file name appears twice in the upload", 400) from None
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return dest
+
+
+def gate_dirs(config: dict) -> list[str]:
+    value = config.get("GATE_DIRS") or []
+    return [d for d in (value.split(os.pathsep) if isinstance(value, str) else value) if d]
+
+
+def publish(store: st.Store, data_dir: Path, package_dir: Path, gates: list[str], tolerance: float = 0.0,
+            force: bool = False, threads: int = 2) -> dict:
+    """Gate ``package_dir`` against what is served and promote it if it passes (or ``force``)."""
+    try:
+        candidate = open_package(package_dir, verify=True)
+    except PackageError as exc:
+        raise PublishError(str(exc)) from None
+    serving = store.serving()
+    result: Optional[GateResult] = None
+    if serving is not None and not gates and not force:
+        raise PublishError("no held-out set is configured (INFANTINO_GATE_DIRS or --gate-dir): "
+                           "refusing to replace the served package unjudged; pass force to do it anyway", 409)
+    for folder in gates:
+        if not Path(folder).is_dir():
+            raise PublishError(f"held-out set {folder} is not a folder on the server", 500)
+    if gates:
+        current_dir = None if serving is None else Path(data_dir) / store.package(serving.package_version)["folder"]
+        result = run_gate(Path(package_dir), candidate.version, current_dir,
+                          None if serving is None else serving.package_version, gates, tolerance, threads)
+        _record(store, result)
+    passed = result.passed if result is not None else True
+    out = {"package_version": candidate.version, "gate": None if result is None else result.to_dict(),
+           "forced": bool(force and not passed), "promoted": False}
+    if passed or force:
+        try:
+            out.update(promote_package(store, Path(data_dir), Path(package_dir)))
+        except PromoteError as exc:
+            raise PublishError(str(exc)) from None
+        out["promoted"] = True
+    return out
+
+
+def _record(store: st.Store, result: GateResult) -> None:
+    now = time.time()
+    with store.write() as conn:
+        gate_id = conn.execute(insert(st.gates).values(
+            created_at=now, candidate_version=result.candidate_version, current_version=result.current_version,
+            passed=int(result.passed), result=json.dumps(result.to_dict()))).inserted_primary_key[0]
+        conn.execute(insert(st.outbox).values(kind="gate", ref=str(gate_id), created_at=now, attempts=0))
+

@@ -1,0 +1,156 @@
+"""Publishing with a gate: real server process, real ONNX Runtime scoring, real MLflow on SQLite."""
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+import time
+
+import pytest
+
+from edge_runtime.preprocess import CLASSES
+from edge_runtime.sync_client import Http, sync_device
+from edge_helpers import write_image_folder
+from export import cli as export_cli
+from export.publish import package_tar, publish
+from server_helpers import Server, new_device
+from sync_server import create_app
+from sync_server.gate import SetScore, decide
+from sync_server.models import promote_package
+from tiny_package import build_tiny_package
+
+
+def s(acc: float, n: int = 42) -> list[SetScore]:
+    return [SetScore("held/infant", n, acc, acc)]
+
+
+@pytest.mark.parametrize("cand, cur, tol, passes", [
+    (0.50, 0.45, 0.0, True), (0.45, 0.45, 0.0, True), (0.44, 0.45, 0.0, False), (0.44, 0.45, 0.02, True),
+])
+def test_decide_keeps_what_is_not_worse(cand, cur, tol, passes):
+    passed, reason = decide(s(cand), s(cur), tol)
+    assert passed is passes and f"{cand:.4f}" in reason and f"{cur:.4f}" in reason
+
+
+def test_decide_edge_cases():
+    assert decide(s(0.1), [])[0] is True  # nothing served yet
+    assert decide([], s(0.5))[0] is False
+    assert decide(s(0.0, n=0), s(0.5))[0] is False
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory, tiny_package_dir):
+    root = tmp_path_factory.mktemp("gate")
+    held = write_image_folder(root / "held", per_class=6, seed=50, classes=CLASSES)
+    good = build_tiny_package(root / "good", version="tiny-good", head_epochs=300)
+    bad = build_tiny_package(root / "bad", version="tiny-bad", scramble_labels=True)
+    srv = Server(root, tiny_package_dir, mlflow_uri=f"sqlite:///{root / 'mlflow.db'}", env={"INFANTINO_GATE_DIRS": str(held)})
+    srv.process.start()
+    yield srv, good, bad, root
+    srv.close()
+
+
+def _served(srv: Server) -> tuple[str, int]:
+    serving = srv.store.serving()
+    return serving.package_version, serving.head_version
+
+
+def test_the_gate_refuses_a_worse_package_and_promotes_a_better_one(gated, tmp_path, tiny_package_dir, capsys):
+    srv, good, bad, root = gated
+    before = _served(srv)
+    dev = new_device(tmp_path, tiny_package_dir, "fleet")
+    assert sync_device(dev, srv.url, srv.token("fleet"))[0].error is None
+
+    # better: promoted, and the fleet moves to it on its next sync
+    assert export_cli.main(["publish", str(good), "--server", srv.url, "--admin-token", srv.admin]) == 0
+    out = capsys.readouterr().out
+    assert "gate: passed" in out and "candidate 1.0000" in out and "served" in out
+    assert _served(srv)[0] == "tiny-good" != before[0]
+    report, device = sync_device(dev, srv.url, srv.token("fleet"))
+    assert report.error is None and report.package_changed and device.package.version == "tiny-good"
+    promoted = _served(srv)
+
+    # worse: refused, production untouched, the fleet stays where it is
+    status, answer = publish(bad, srv.url, srv.admin)
+    gate = answer["gate"]
+    assert status == 409 and not answer["promoted"] and not gate["passed"]
+    assert gate["candidate"][0]["accuracy"] < gate["current"][0]["accuracy"] == 1.0
+    assert _served(srv) == promoted
+    assert Http(srv.url, srv.admin).request("GET", "/v1/model").json()["package_version"] == "tiny-good"
+    assert export_cli.main(["publish", str(bad), "--server", srv.url, "--admin-token", srv.admin]) == 1
+    assert "not promoted; production unchanged" in capsys.readouterr().out
+    report, device = sync_device(device, srv.url, srv.token("fleet"))
+    assert report.error is None and not report.package_changed and device.package.version == "tiny-good"
+
+    # every decision is an MLflow run holding both packages' numbers
+    admin = Http(srv.url, srv.admin)
+    deadline = time.monotonic() + 60
+    while admin.request("GET", "/v1/admin/status").json()["tracking"]["pending"] and time.monotonic() < deadline:
+        admin.request("POST", "/v1/admin/tracking/flush", body=b"{}", headers={"Content-Type": "application/json"})
+        time.sleep(0.5)  # another worker may hold the tracking lease: wait until the outbox is empty
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("infantino-gates").experiment_id])
+    decisions = sorted(r.data.tags["decision"] for r in runs)
+    assert decisions == ["promoted", "refused", "refused"]
+    refused = next(r for r in runs if r.data.tags["decision"] == "refused")
+    assert refused.data.metrics["candidate_accuracy.held"] < refused.data.metrics["current_accuracy.held"]
+    assert refused.data.params["candidate_version"] == "tiny-bad"
+
+
+@pytest.fixture()
+def ungated(tmp_path, tiny_package_dir):
+    app = create_app({"DATA_DIR": str(tmp_path / "srv"), "MLFLOW_URI": "off", "BACKGROUND": False})
+    state = app.extensions["infantino"]
+    promote_package(state.store, state.data_dir, tiny_package_dir)
+    token = state.store.rotate_admin()
+    yield app.test_client(), {"Authorization": f"Bearer {token}"}, state
+    state.close()
+
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_without_a_held_out_set_only_force_replaces_the_served_package(ungated, tmp_path):
+    client, auth, state = ungated
+    pkg = build_tiny_package(tmp_path / "p", version="tiny-unjudged", seed=3)
+    resp = client.post("/v1/admin/packages", data=package_tar(pkg), headers=auth)
+    assert resp.status_code == 409 and "no held-out set" in resp.json["error"]
+    assert state.store.serving().package_version == "tiny-1"
+    resp = client.post("/v1/admin/packages?force=true", data=package_tar(pkg), headers=auth)
+    assert resp.status_code == 200 and resp.json["promoted"] and state.store.serving().package_version == "tiny-unjudged"
+
+
+def test_hostile_package_uploads_are_refused(ungated, tmp_path, tiny_package_dir):
+    client, auth, state = ungated
+    tampered = shutil.copytree(tiny_package_dir, tmp_path / "tampered")
+    (tampered / "head.npz").write_bytes((tampered / "head.npz").read_bytes() + b"x")
+    files = {p.name: p.read_bytes() for p in tampered.iterdir()}
+    link = io.BytesIO()
+    with tarfile.open(fileobj=link, mode="w") as tar:
+        info = tarfile.TarInfo("manifest.json")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    cases = [
+        (_tar(files), 422, "sha256"),
+        (_tar({"../manifest.json": b"{}"}), 400, "plain file name"),
+        (_tar({"sub/extractor.onnx": b"x"}), 400, "plain file name"),
+        (link.getvalue(), 400, "plain file name"),
+        (_tar({f"f{i}": b"x" for i in range(20)}), 400, "1 to 16 files"),
+        (b"definitely not a tar", 400, "tar"),
+        (_tar({"extractor.onnx": b"x"}), 422, "manifest"),
+    ]
+    for body, status, words in cases:
+        resp = client.post("/v1/admin/packages?force=true", data=body, headers=auth)
+        assert resp.status_code == status and words in resp.json["error"], (words, resp.json)
+    assert state.store.serving().package_version == "tiny-1"
+    assert not any((state.data_dir / "staging").iterdir())  # nothing left behind
+    assert client.post("/v1/admin/packages", data=_tar(files)).status_code == 401  # admin only
