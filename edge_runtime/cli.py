@@ -190,6 +190,9 @@ def add_sync(sub) -> None:
     _device_options(p)
     p.add_argument("--timeout", type=float, default=15.0, help="seconds per request (default: %(default)s)")
     p.add_argument("--retries", type=int, default=4, help="retries per request, with backoff (default: %(default)s)")
+    p.add_argument("--share-crops", action=argparse.BooleanOptionalAction, default=None,
+                   help="consent (or, with --no-share-crops, withdraw it and delete waiting crops) to upload labelled "
+                        "face crops for fine-tuning; remembered in the state folder (default: as last chosen, off)")
     p.add_argument("--json", action="store_true", help="print the sync report as JSON")
     p.set_defaults(func=run_sync)
 
@@ -201,7 +204,7 @@ def run_sync(args: argparse.Namespace) -> int:
         raise ValueError("give --token or set INFANTINO_DEVICE_TOKEN")
     state = args.state_dir if args.state_dir is not None else default_state_dir()
     model = args.model_dir if args.model_dir is not None else managed_model_dir(state)
-    device = Device(model, state, _config(args))
+    device = Device(model, state, _config(args, share_crops=args.share_crops))
     report, device = sync_device(device, args.server, args.token, timeout_s=args.timeout, retries=args.retries)
     if args.json:
         _print_json(report.to_dict())
@@ -234,8 +237,9 @@ def run_consent(args: argparse.Namespace) -> int:
     if args.choice is not None:
         record_consent(state, args.choice == "on")
     share = recorded_consent(state)
-    waiting = len(CropOutbox(state)) if share else 0
-    print(f"share labelled face crops: {'on' if share else 'off'}; {waiting} waiting to be uploaded")
+    outbox = CropOutbox(state) if share else None
+    print(f"share labelled face crops: {'on' if share else 'off'}; {len(outbox) if outbox else 0} waiting to be uploaded"
+          f"{f', {outbox.dropped} older ones dropped (outbox full)' if outbox and outbox.dropped else ''}")
     return 0
 
 

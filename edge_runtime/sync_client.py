@@ -524,13 +524,15 @@ class Syncer:
         while outbox is not None and len(outbox):
             crops, labels = outbox.batch(batch)
             meta = {"format": CROPS_FORMAT, "device": self._name(), "package_version": self.learner.package_version(),
+                    "classes": [str(c) for c in self.learner.head().classes],
                     "idempotency_key": batch_key(self._name(), crops, labels)}
             resp = self.http.request("POST", "/v1/crops", body=wire.encode(meta, {"crops": crops, "labels": labels}),
                                      headers={"Content-Type": wire.CONTENT_TYPE})
             _raise_for_auth(resp)
             if resp.status in (200, 201):
                 report.crops_sent += len(labels)
-            elif 400 <= resp.status < 500:  # refused for good (e.g. another input size): these copies are dropped
+            elif 400 <= resp.status < 500 and resp.status not in (408, 429):
+                # refused for good (e.g. crops of an older input size): dropped, or they would block the rest
                 report.rejected.append((resp.status, f"crops: {resp.reason}"))
             else:
                 raise SyncError(f"POST /v1/crops: HTTP {resp.status} {resp.reason}")

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,7 +18,7 @@ def _pyplot():
 
 def plot_curves(history: list[dict], path: str | Path) -> None:
     """Loss and accuracy per epoch, train vs validation."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
@@ -37,7 +37,7 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
 
 def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str | Path, title: str = "Confusion matrix") -> None:
     """Row-normalised confusion matrix (rows: true class) with counts in each cell."""
-    plt = _pyplot()
+    plt = pyplot()
     m = np.asarray(matrix, dtype=float)
     norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(6.5, 5.5))

@@ -26,17 +26,15 @@ def package_tar(package_dir: Path) -> bytes:
 
 
 def publish(package_dir: Path, server: str, admin_token: str, force: bool = False, timeout_s: float = 600.0) -> tuple[int, dict]:
-    """(HTTP status, server's answer): 200 promoted, 409 refused by the gate."""
+    """(HTTP status, server's answer): 200 promoted, 409 refused by the gate; ``SyncError`` otherwise
+    (bad package, no held-out set configured without ``force``, server unreachable)."""
     http = Http(server, admin_token, timeout_s=timeout_s, retries=2)
     path = "/v1/admin/packages" + ("?force=true" if force else "")
     resp = http.request("POST", path, body=package_tar(Path(package_dir)), headers={"Content-Type": "application/x-tar"})
-    try:
-        answer = resp.json()
-    except ValueError:
-        answer = {}
-    if resp.status not in (200, 409):
-        raise SyncError(f"publish refused: HTTP {resp.status} {resp.reason}")
-    return resp.status, answer
+    answer = resp.json()
+    if resp.status == 200 or (resp.status == 409 and answer.get("gate")):
+        return resp.status, answer
+    raise SyncError(f"publish refused: HTTP {resp.status} {resp.reason}")
 
 
 def describe(answer: dict) -> str:

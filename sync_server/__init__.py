@@ -40,10 +40,11 @@ DEFAULTS = {
     "BACKGROUND": True,          # aggregator and MLflow threads in each process
     "TRACKING_POLL_S": 5.0,
     "DELTA_RETENTION_S": 7 * 24 * 3600,  # arrays of aggregated updates are kept this long (rows forever)
-    "FAULT_AGGREGATE_PAUSE_S": 0.0,
+    "FAULT_AGGREGATE_PAUSE_S": 0.0,  # fault injection for tests: hold the aggregation transaction open
     "GATE_DIRS": [],             # held-out ImageFolder sets a published package is judged on (the first decides)
     "GATE_TOLERANCE": 0.0,       # accuracy the candidate may lose on the first set and still pass
-    "MAX_PACKAGE_BYTES": 256 * 1024 * 1024,  # fault injection for tests: hold the aggregation transaction open
+    "MAX_PACKAGE_BYTES": 256 * 1024 * 1024,  # POST /v1/admin/packages body (the release package is 21 MB)
+    "MAX_CROP_BYTES": 4 * 1024 * 1024,  # POST /v1/crops body (512 raw 64x64 crops are 2 MB)
 }
 
 

@@ -242,17 +242,19 @@ def post_crops():
     """Labelled face crops from a device whose owner opted in; stored per device, once each."""
     s = state()
     serving = _served()
-    body = _read_body(current_app.config["MAX_UPDATE_BYTES"])
+    limit = int(current_app.config["MAX_CROP_BYTES"])
+    body = _read_body(limit)
     try:
-        meta, arrays = wire.decode(body, max_entries=4, max_inflated=current_app.config["MAX_UPDATE_BYTES"] * 4)
+        meta, arrays = wire.decode(body, max_entries=4, max_inflated=limit * 4)
         batch = crops.check_batch(meta, arrays, g.client.name, tuple(serving.manifest["input"]["size"]),
-                                  len(serving.manifest["classes"]))
+                                  list(serving.manifest["classes"]))
     except wire.WireError as exc:
         abort(400, str(exc))
     except crops.CropError as exc:
         abort(exc.status, str(exc))
     try:
-        stored, known = crops.store_batch(s.store, g.client.id, batch, str(meta.get("package_version", ""))[:128])
+        stored, known = crops.store_batch(s.store, g.client.id, batch, str(meta.get("package_version", ""))[:128],
+                                          meta["idempotency_key"])
     except StoreBusy as exc:
         abort(503, f"{exc}; retry the same batch")
     return jsonify(stored=stored, already_known=known), 201

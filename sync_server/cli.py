@@ -60,6 +60,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         env["INFANTINO_AGGREGATE_K"] = str(args.aggregate_k)
     if args.gate_dir:
         env["INFANTINO_GATE_DIRS"] = os.pathsep.join(str(Path(d).resolve()) for d in args.gate_dir)
+    if args.gate_tolerance is not None:
+        env["INFANTINO_GATE_TOLERANCE"] = str(args.gate_tolerance)
     if args.strategy:
         json.loads(args.strategy)
         env["INFANTINO_STRATEGY"] = args.strategy
@@ -161,6 +163,7 @@ def cmd_admin_token(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from .models import PromoteError, promote_package, serve_aliases, serve_head
+    from .publish import PublishError, gate_dirs, publish
 
     state = _state(args)
     try:
@@ -171,16 +174,18 @@ def cmd_promote(args: argparse.Namespace) -> int:
             result = serve_aliases(state.store, *state.tracker.alias_targets())
         elif args.head_version is not None:
             result = serve_head(state.store, args.head_version)
-        elif args.package_dir and (args.gate_dir or args.force):
-            from .publish import PublishError, publish
-
+        elif args.package_dir and (args.gate_dir or gate_dirs(state.config) or args.force):
+            gates = [str(Path(d).resolve()) for d in args.gate_dir] if args.gate_dir else gate_dirs(state.config)
+            tolerance = args.tolerance if args.tolerance is not None else float(state.config["GATE_TOLERANCE"])
             try:
-                result = publish(state.store, state.data_dir, Path(args.package_dir), args.gate_dir or [],
-                                 args.tolerance, args.force)
+                result = publish(state.store, state.data_dir, Path(args.package_dir), gates, tolerance, args.force)
             except PublishError as exc:
                 raise PromoteError(str(exc)) from None
             _flush(state, quiet=args.no_tracking)
             print(json.dumps(result))
+            if not result["promoted"]:
+                print(f"error: gate refused package {result['package_version']}: {result['gate']['reason']}; "
+                      "production unchanged", file=sys.stderr)
             return 0 if result["promoted"] else 1
         elif args.package_dir:
             result = promote_package(state.store, state.data_dir, Path(args.package_dir))
@@ -253,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=2)
     r.add_argument("--threads", type=int, default=16)
     r.add_argument("--aggregate-k", type=int, help="step once K updates are buffered (default 10)")
-    r.add_argument("--gate-dir", action="append", help="held-out ImageFolder set published packages are judged on (repeatable)")
+    r.add_argument("--gate-dir", action="append", help="held-out ImageFolder set published packages are judged on "
+                                                        "(repeatable; the first decides; default: $INFANTINO_GATE_DIRS)")
+    r.add_argument("--gate-tolerance", type=float, help="accuracy a published package may lose on the first set and "
+                                                        "still pass (default 0)")
     r.add_argument("--strategy", help='JSON, e.g. {"rule": "trimmed_mean", "clip_norm": "median"}')
     r.add_argument("--access-log", action="store_true")
     r.add_argument("--dev", action="store_true", help="werkzeug's threaded development server instead of gunicorn")
@@ -295,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve what the 'production' aliases of infantino-extractor / infantino-head name in MLflow")
     pr.add_argument("--gate-dir", action="append", help="held-out ImageFolder set: promote only if the package is not "
                                                          "worse than the served one on the first (repeatable)")
-    pr.add_argument("--tolerance", type=float, default=0.0, help="accuracy the package may lose and still pass the gate")
+    pr.add_argument("--tolerance", type=float, help="accuracy the package may lose and still pass the gate "
+                                                    "(default: $INFANTINO_GATE_TOLERANCE or 0)")
     pr.add_argument("--force", action="store_true", help="promote even without or against the gate (recorded)")
     pr.add_argument("--no-tracking", action="store_true", help="leave the MLflow logging to the server")
     pr.set_defaults(func=cmd_promote)

@@ -36,12 +36,18 @@ class CropBatch:
     labels: np.ndarray  # (N,) int64
 
 
-def check_batch(meta: dict, arrays: dict, device: str, size: tuple[int, int], n_classes: int) -> CropBatch:
+def check_batch(meta: dict, arrays: dict, device: str, size: tuple[int, int], classes: list[str]) -> CropBatch:
     """A decoded ``POST /v1/crops`` body as a ``CropBatch``, or ``CropError`` saying what is wrong."""
     if meta.get("format") != CROPS_FORMAT:
         raise CropError(f"meta.format must be {CROPS_FORMAT!r}", 400)
     if meta.get("device") != device:
         raise CropError(f"this token belongs to device {device!r}; crops may not claim another device", 403)
+    key = meta.get("idempotency_key")
+    if not isinstance(key, str) or not 8 <= len(key) <= 128:
+        raise CropError("meta.idempotency_key must be a string of 8 to 128 characters", 400)
+    if "classes" in meta and meta["classes"] != list(classes):
+        raise CropError("the crops are labelled with other classes than the served package's; sync the package first")
+    n_classes = len(classes)
     if set(arrays) != {"crops", "labels"}:
         raise CropError(f"arrays must be exactly crops and labels, not {', '.join(sorted(arrays))[:120]}", 400)
     crops, labels = arrays["crops"], arrays["labels"]
@@ -56,13 +62,18 @@ def check_batch(meta: dict, arrays: dict, device: str, size: tuple[int, int], n_
     return CropBatch(np.ascontiguousarray(crops), labels.astype(np.int64))
 
 
-def store_batch(store: st.Store, client_id: int, batch: CropBatch, package_version: str) -> tuple[int, int]:
-    """Insert the crops this device has not sent before; returns (stored, already known)."""
+def store_batch(store: st.Store, client_id: int, batch: CropBatch, package_version: str, batch_key: str) -> tuple[int, int]:
+    """Insert the crops this device has not sent before; returns (stored, already known).
+
+    Keyed by (device, sha256 of pixels and label): a batch resent after a lost answer, or the
+    same crop in a later batch, is stored once.
+    """
     rows = []
     for crop, label in zip(batch.crops, batch.labels):
         digest = hashlib.sha256(crop.tobytes() + int(label).to_bytes(2, "little")).hexdigest()
         rows.append({"client_id": client_id, "label": int(label), "height": crop.shape[0], "width": crop.shape[1],
-                     "pixels": crop.tobytes(), "sha256": digest, "package_version": package_version, "created_at": time.time()})
+                     "pixels": crop.tobytes(), "sha256": digest, "package_version": package_version,
+                     "batch_key": batch_key, "created_at": time.time()})
     unique = list({r["sha256"]: r for r in rows}.values())
     with store.write() as conn:
         known = set(conn.execute(select(st.crops.c.sha256).where(

@@ -16,6 +16,11 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+from edge_runtime.sync_client import Http
+
+from . import store as st
+from .models import promote_package
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -82,3 +87,50 @@ class ServerProcess:
 
     def __exit__(self, *exc):
         self.kill()
+
+
+class LocalServer:
+    """A data folder with a promoted package, an admin token, device tokens on demand, and a
+    2-worker server process on it (``.process.start()``)."""
+
+    def __init__(self, root: Path, package: Path, aggregate_k: int = 1000, env: dict | None = None, mlflow_uri: str = "off"):
+        self.data = Path(root) / "server"
+        self.data.mkdir(parents=True)
+        self.store = st.Store(st.sqlite_url(self.data / "server.db"))
+        self.store.create_all()
+        promote_package(self.store, self.data, package)
+        self.admin = self.store.rotate_admin()
+        self.tokens: dict[str, str] = {}
+        self.process = ServerProcess(self.data, aggregate_k=aggregate_k, env=env, mlflow_uri=mlflow_uri)
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    def token(self, name: str) -> str:
+        if name not in self.tokens:
+            self.tokens[name] = self.store.add_client(name)
+        return self.tokens[name]
+
+    def aggregate(self) -> dict:
+        return Http(self.url, self.admin).request("POST", "/v1/admin/aggregate", body=b"{}",
+                                                  headers={"Content-Type": "application/json"}).json()
+
+    def flush_tracking(self, timeout_s: float = 60.0) -> bool:
+        """Ask the server to log what waits for MLflow, until nothing does (another worker may
+        hold the tracking lease for a while); False if MLflow is off or still behind."""
+        http = Http(self.url, self.admin)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            tracking = http.request("GET", "/v1/admin/status").json().get("tracking")
+            if not tracking:
+                return False
+            if not tracking["pending"]:
+                return True
+            http.request("POST", "/v1/admin/tracking/flush", body=b"{}", headers={"Content-Type": "application/json"})
+            time.sleep(0.5)
+        return False
+
+    def close(self) -> None:
+        self.process.kill()
+        self.store.dispose()

@@ -67,47 +67,57 @@ def unpack_tar(body: bytes, dest_parent: Path, max_bytes: int) -> Path:
 
 
 def gate_dirs(config: dict) -> list[str]:
+    """The held-out sets from the app config (``INFANTINO_GATE_DIRS``: os.pathsep-separated, or a list)."""
     value = config.get("GATE_DIRS") or []
-    return [d for d in (value.split(os.pathsep) if isinstance(value, str) else value) if d]
+    return [str(d) for d in (value.split(os.pathsep) if isinstance(value, str) else value) if d]
 
 
 def publish(store: st.Store, data_dir: Path, package_dir: Path, gates: list[str], tolerance: float = 0.0,
             force: bool = False, threads: int = 2) -> dict:
-    """Gate ``package_dir`` against what is served and promote it if it passes (or ``force``)."""
+    """Gate ``package_dir`` against what is served and promote it if it passes (or ``force``).
+
+    Without held-out sets a served package is replaced only with ``force``; when nothing is
+    served yet there is nothing to compare with and the package is promoted.
+    """
     try:
         candidate = open_package(package_dir, verify=True)
     except PackageError as exc:
         raise PublishError(str(exc)) from None
     serving = store.serving()
-    result: Optional[GateResult] = None
     if serving is not None and not gates and not force:
         raise PublishError("no held-out set is configured (INFANTINO_GATE_DIRS or --gate-dir): "
                            "refusing to replace the served package unjudged; pass force to do it anyway", 409)
     for folder in gates:
         if not Path(folder).is_dir():
             raise PublishError(f"held-out set {folder} is not a folder on the server", 500)
+    result: Optional[GateResult] = None
     if gates:
         current_dir = None if serving is None else Path(data_dir) / store.package(serving.package_version)["folder"]
         result = run_gate(Path(package_dir), candidate.version, current_dir,
                           None if serving is None else serving.package_version, gates, tolerance, threads)
-        _record(store, result)
     passed = result.passed if result is not None else True
     out = {"package_version": candidate.version, "gate": None if result is None else result.to_dict(),
            "forced": bool(force and not passed), "promoted": False}
-    if passed or force:
-        try:
+    decision = "refused"
+    try:
+        if passed or force:
             out.update(promote_package(store, Path(data_dir), Path(package_dir)))
-        except PromoteError as exc:
-            raise PublishError(str(exc)) from None
-        out["promoted"] = True
+            out["promoted"] = True
+            decision = "promoted" if passed else "forced"
+    except PromoteError as exc:
+        decision = "failed"
+        raise PublishError(str(exc)) from None
+    finally:
+        if result is not None:
+            _record(store, result, decision)
     return out
 
 
-def _record(store: st.Store, result: GateResult) -> None:
+def _record(store: st.Store, result: GateResult, decision: str) -> None:
+    """Keep the decision and queue it for MLflow (logged by the tracker, like packages and heads)."""
     now = time.time()
     with store.write() as conn:
         gate_id = conn.execute(insert(st.gates).values(
             created_at=now, candidate_version=result.candidate_version, current_version=result.current_version,
-            passed=int(result.passed), result=json.dumps(result.to_dict()))).inserted_primary_key[0]
+            passed=int(result.passed), decision=decision, result=json.dumps(result.to_dict()))).inserted_primary_key[0]
         conn.execute(insert(st.outbox).values(kind="gate", ref=str(gate_id), created_at=now, attempts=0))
-

@@ -136,8 +136,9 @@ crops = Table(
     Column("pixels", LargeBinary, nullable=False),  # raw uint8, row-major
     Column("sha256", String(64), nullable=False),
     Column("package_version", String(128), nullable=False),
+    Column("batch_key", String(128), nullable=False),  # the upload's idempotency key (several crops share one)
     Column("created_at", Float, nullable=False),
-    UniqueConstraint("client_id", "sha256", name="uq_crops_client_sha"),
+    UniqueConstraint("client_id", "sha256", name="uq_crops_client_sha"),  # a resent crop is stored once
 )
 
 gates = Table(
@@ -147,6 +148,7 @@ gates = Table(
     Column("candidate_version", String(128), nullable=False),
     Column("current_version", String(128)),
     Column("passed", Integer, nullable=False),
+    Column("decision", String(16), nullable=False),  # promoted | refused | forced | failed (promotion itself failed)
     Column("result", Text, nullable=False),  # JSON of gate.GateResult
 )
 

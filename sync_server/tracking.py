@@ -241,7 +241,7 @@ class Tracker:
 
     def _log_gate(self, gate_id: int) -> None:
         """A publish decision: both packages' scores on every held-out set, the verdict as a tag."""
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
         from sqlalchemy import select
 
         with self.store.read() as conn:
@@ -254,17 +254,20 @@ class Tracker:
         if not run.data.params:
             ts = int(row.created_at * 1000)
             metrics = []
+            names = _set_names([s["path"] for s in result.get("candidate") or []])
             for who in ("candidate", "current"):
-                for s in result.get(who) or []:
-                    name = "".join(c if c.isalnum() or c in "_-." else "_" for c in Path(s["path"]).name)[:60]
+                for i, (s, name) in enumerate(zip(result.get(who) or [], names)):
                     metrics += [Metric(f"{who}_accuracy.{name}", float(s["accuracy"]), ts, 0),
                                 Metric(f"{who}_macro_f1.{name}", float(s["macro_f1"]), ts, 0)]
+                    if i == 0:  # the deciding set, under a fixed name for comparing runs
+                        metrics += [Metric(f"{who}_accuracy", float(s["accuracy"]), ts, 0),
+                                    Metric(f"{who}_n", float(s["n"]), ts, 0)]
             params = [Param("candidate_version", row.candidate_version), Param("current_version", str(row.current_version)),
                       Param("tolerance", str(result.get("tolerance"))),
                       Param("held_out_sets", ",".join(s["path"] for s in result.get("candidate") or [])[:500])]
-            self.client().log_batch(rid, metrics=metrics, params=params)
-            self.client().set_tag(rid, "decision", "promoted" if row.passed else "refused")
-            self.client().set_tag(rid, "reason", result.get("reason", "")[:4900])
+            tags = [RunTag("decision", row.decision), RunTag("gate", "passed" if row.passed else "failed"),
+                    RunTag("reason", result.get("reason", "")[:4900])]
+            self.client().log_batch(rid, metrics=metrics, params=params, tags=tags)
         self.client().set_terminated(rid, end_time=int(time.time() * 1000))
 
     def _head_version_for(self, run, head_version: int, package_version: str, source: str) -> str:
@@ -345,3 +348,9 @@ class Tracker:
     def status(self) -> dict:
         pending = self.store.pending_outbox(1000)
         return {"pending": len(pending), "last_error": self.last_error or (pending[0]["last_error"] if pending else None)}
+
+
+def _set_names(paths: list[str]) -> list[str]:
+    """MLflow-safe metric suffixes for held-out sets: the folder name, numbered when two share one."""
+    base = ["".join(c if c.isalnum() or c in "_-." else "_" for c in Path(p).name)[:60] or "set" for p in paths]
+    return [b if base.count(b) == 1 else f"{i}-{b}" for i, b in enumerate(base)]

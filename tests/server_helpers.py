@@ -18,10 +18,9 @@ import pytest
 
 from edge_runtime import wire
 from sync_server.process import REPO, ServerProcess, free_port  # noqa: F401 - re-exported for the tests
+from sync_server.process import LocalServer as Server  # noqa: F401
 from edge_runtime.device import Device, DeviceConfig
-from edge_runtime.sync_client import DeviceLearner, Http
-from sync_server import store as st
-from sync_server.models import promote_package
+from edge_runtime.sync_client import DeviceLearner
 from tiny_package import synthetic_face
 
 PG_URL = os.environ.get("INFANTINO_TEST_PG_URL")
@@ -78,37 +77,6 @@ def cli(*args: str, env: Optional[dict] = None, check: bool = True) -> subproces
 # --------------------------------------------------------------------------- a served tiny package, real devices
 
 CONFIG = DeviceConfig(detect_faces=False, holdout_every=0, threads=1)
-
-
-class Server:
-    """A promoted tiny package, an admin token and a 2-worker server process."""
-
-    def __init__(self, root: Path, package: Path, aggregate_k: int = 1000, env: dict | None = None, mlflow_uri: str = "off"):
-        self.data = root / "server"
-        self.data.mkdir(parents=True)
-        self.store = st.Store(st.sqlite_url(self.data / "server.db"))
-        self.store.create_all()
-        promote_package(self.store, self.data, package)
-        self.admin = self.store.rotate_admin()
-        self.tokens: dict[str, str] = {}
-        self.process = ServerProcess(self.data, aggregate_k=aggregate_k, env=env, mlflow_uri=mlflow_uri)
-
-    @property
-    def url(self) -> str:
-        return self.process.url
-
-    def token(self, name: str) -> str:
-        if name not in self.tokens:
-            self.tokens[name] = self.store.add_client(name)
-        return self.tokens[name]
-
-    def aggregate(self) -> dict:
-        return Http(self.url, self.admin).request("POST", "/v1/admin/aggregate", body=b"{}",
-                                                  headers={"Content-Type": "application/json"}).json()
-
-    def close(self) -> None:
-        self.process.kill()
-        self.store.dispose()
 
 
 def new_device(root: Path, package: Path, name: str) -> DeviceLearner:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import shutil
 import tarfile
-import time
 
 import pytest
 
@@ -83,11 +82,7 @@ def test_the_gate_refuses_a_worse_package_and_promotes_a_better_one(gated, tmp_p
     assert report.error is None and not report.package_changed and device.package.version == "tiny-good"
 
     # every decision is an MLflow run holding both packages' numbers
-    admin = Http(srv.url, srv.admin)
-    deadline = time.monotonic() + 60
-    while admin.request("GET", "/v1/admin/status").json()["tracking"]["pending"] and time.monotonic() < deadline:
-        admin.request("POST", "/v1/admin/tracking/flush", body=b"{}", headers={"Content-Type": "application/json"})
-        time.sleep(0.5)  # another worker may hold the tracking lease: wait until the outbox is empty
+    assert srv.flush_tracking()
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")

@@ -1,0 +1,115 @@
+"""``infantino-demo``: run a small fleet end to end and show the global head improving.
+
+    infantino-demo [--images DIR] [--model-dir DIR] [--devices 4] [--rounds 5] [--budget 8]
+                   [--out runs/demo] [--refresh-package DIR --refresh-after R] [--share-crops] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .data import find_images, plan_split
+from .fleet import STRATEGIES, FleetPlan, run_fleet
+from .report import header, plot, row, write_summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infantino-demo", description=__doc__.splitlines()[0])
+    p.add_argument("--images", help="ImageFolder of photos (default: ../shared/data/infant)")
+    p.add_argument("--model-dir", default="data/models", help="model package to start from (default: %(default)s)")
+    p.add_argument("--devices", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--budget", type=int, default=8, help="labels a caregiver gives per device per round")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo", help="output folder, recreated on each run (default: %(default)s)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="labelling arms to run (default: %(default)s)")
+    p.add_argument("--refresh-package", help="publish this package (through the gate) after --refresh-after rounds")
+    p.add_argument("--refresh-after", type=int, help="round after which --refresh-package is published")
+    p.add_argument("--share-crops", action="store_true", help="devices opt in to uploading their labelled crops")
+    p.add_argument("--limit", type=int, help="use only this many photos (seeded)")
+    p.add_argument("--no-mlflow", action="store_true", help="run the server without MLflow")
+    p.add_argument("--quick", action="store_true", help="CI size: 2 devices, 2 rounds, budget 3, 40 photos, one arm")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.devices, args.rounds, args.budget, args.limit = 2, 2, 3, args.limit or 40
+        args.strategies = args.strategies if "," not in args.strategies else "uncertainty"
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"infantino-demo: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("infantino-demo: interrupted; the server was stopped", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    images = find_images(args.images)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if unknown := set(strategies) - set(STRATEGIES):
+        raise ValueError(f"unknown strategy {sorted(unknown)}; choose from {', '.join(STRATEGIES)}")
+    if (args.refresh_package is None) != (args.refresh_after is None):
+        raise ValueError("--refresh-package and --refresh-after go together")
+    shards, test = plan_split(images, args.devices, args.seed, limit=args.limit)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gate_dir = _write_test_folder(out / "held-out", test) if args.refresh_package else None
+    print(f"{sum(map(len, shards))} photos in {args.devices} camera streams, {len(test)} held out; "
+          f"{args.rounds} rounds, {args.budget} labels per camera per round; package {args.model_dir}")
+    arms = {}
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress bar is a nicety (tqdm ships with the export extra)
+        tqdm = None
+    for strategy in strategies:
+        plan = FleetPlan(Path(args.model_dir), shards, test, args.rounds, args.budget, strategy, args.seed,
+                         share_crops=args.share_crops,
+                         refresh_package=Path(args.refresh_package) if args.refresh_package else None,
+                         refresh_after=args.refresh_after, gate_dirs=[str(gate_dir)] if gate_dir else [])
+        bar = tqdm(total=args.rounds + 1, desc=f"{strategy} labelling", unit="round", leave=False) if tqdm else None
+        lines = [header(args.devices)]
+
+        def on_round(record, strategy=strategy, bar=bar, lines=lines):
+            lines.append(row(strategy, record))
+            if bar is not None:
+                bar.update(1)
+                bar.write(lines[-1] if len(lines) > 2 else "\n".join(lines))
+            else:
+                print(lines[-1] if len(lines) > 2 else "\n".join(lines), flush=True)
+
+        arms[strategy] = run_fleet(plan, out / strategy, on_round, mlflow=not args.no_mlflow)
+        if bar is not None:
+            bar.close()
+    settings = {k: v for k, v in vars(args).items()}
+    settings.update(images=str(images), n_test=len(test), shard_sizes=[len(s) for s in shards], seconds=round(time.time() - t0, 1))
+    summary = write_summary(out, arms, settings)
+    plots = plot(out, arms)
+    print()
+    for strategy, recs in arms.items():
+        print(f"{strategy:11s} global head on held-out photos: {recs[0].global_accuracy:.3f} -> {recs[-1].global_accuracy:.3f} "
+              f"after {recs[-1].labels_spent} labels")
+    print(f"summary: {summary}" + (f"; plots: {', '.join(str(p) for p in plots)}" if plots else " (no matplotlib: no plots)"))
+    if not args.no_mlflow:
+        first = out.resolve() / strategies[0] / "server"
+        print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{first / 'mlflow.db'} "
+              f"--default-artifact-root {first / 'mlartifacts'}   (then open http://127.0.0.1:5000)")
+    print(f"done in {time.time() - t0:.0f} s")
+    return 0
+
+
+def _write_test_folder(root: Path, items: list[tuple[Path, int]]) -> Path:
+    """The held-out photos as an ImageFolder of links, for the server's publish gate."""
+    from edge_runtime.imagefolder import write_split
+
+    return write_split({"test": items}, root)["test"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

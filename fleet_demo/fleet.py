@@ -1,0 +1,182 @@
+"""One fleet, round by round: devices predict their frames, a caregiver labels a budget of
+them, devices learn and sync, the server aggregates, devices pull the new global head.
+
+Everything is real: ``Device`` objects (ONNX Runtime, the MLP head, replay, guard) on
+their own state folders, a ``infantino-server run`` child process (gunicorn, SQLite,
+MLflow), HTTP sync. Only the caregiver is simulated: the photo's folder is the label.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from edge_runtime.device import Device, DeviceConfig
+from edge_runtime.head import OnlineHead
+from edge_runtime.metrics import summarize
+from edge_runtime.preprocess import ImageError
+from edge_runtime.sync_client import Http, sync_device
+from sync_server.process import LocalServer
+
+DEVICE_CONFIG = DeviceConfig(threads=1, cache_size=256, autosave=False)
+STRATEGIES = ("uncertainty", "random")
+
+
+@dataclass
+class FleetPlan:
+    """What to simulate; ``shards[i]`` is device i's camera stream of (path, label)."""
+
+    package: Path
+    shards: list[list[tuple[Path, int]]]
+    test: list[tuple[Path, int]]
+    rounds: int
+    budget: int  # labels a caregiver gives per device per round
+    strategy: str  # "uncertainty" (most uncertain first) or "random"
+    seed: int = 0
+    share_crops: bool = False
+    refresh_package: Optional[Path] = None
+    refresh_after: Optional[int] = None  # round after which refresh_package is published
+    gate_dirs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    labels_spent: int
+    device_accuracy: list[float]
+    global_accuracy: float
+    global_macro_f1: float
+    head_version: int
+    package_version: str
+    global_confusion: list = field(default_factory=list)
+    refreshed: bool = False
+    gate: Optional[dict] = None
+
+
+class TestSet:
+    """The held-out photos, embedded once per extractor (re-embedded after a refresh)."""
+
+    def __init__(self, items: list[tuple[Path, int]]):
+        self.items = items
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def embedded(self, device: Device) -> tuple[np.ndarray, np.ndarray]:
+        key = device.package.version
+        if key not in self._cache:
+            xs, ys = [], []
+            for path, label in self.items:
+                try:
+                    xs.append(device.embed(path))
+                    ys.append(label)
+                except ImageError:
+                    continue
+            self._cache[key] = (np.stack(xs), np.asarray(ys, np.int64))
+        return self._cache[key]
+
+    def score(self, head: OnlineHead, device: Device) -> dict:
+        x, y = self.embedded(device)
+        return summarize(y, head.predict_proba(x).argmax(axis=1), len(device.classes))
+
+
+def pick(uncertainties: np.ndarray, budget: int, strategy: str, rng: np.random.Generator) -> np.ndarray:
+    """Indices of the frames the caregiver labels: the most uncertain first, or at random."""
+    n = min(budget, len(uncertainties))
+    if strategy == "uncertainty":
+        return np.argsort(-uncertainties, kind="stable")[:n]
+    if strategy == "random":
+        return rng.choice(len(uncertainties), size=n, replace=False)
+    raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
+
+
+def _global_head(server: LocalServer) -> tuple[OnlineHead, int, str]:
+    http = Http(server.url, server.admin)
+    info = http.request("GET", "/v1/model").json()
+    resp = http.request("GET", info["files"]["global_head"]["url"])
+    return OnlineHead.from_bytes(resp.body), int(info["head_version"]), str(info["package_version"])
+
+
+def run_fleet(plan: FleetPlan, work: Path, on_round: Callable[[RoundRecord], None] = lambda r: None,
+              mlflow: bool = True) -> list[RoundRecord]:
+    """Simulate ``plan`` with a fresh server under ``work``; returns one record per round (0 = before learning)."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    env = {"INFANTINO_GATE_DIRS": ":".join(plan.gate_dirs)} if plan.gate_dirs else None
+    server = LocalServer(work, plan.package, env=env,
+                         mlflow_uri=f"sqlite:///{work / 'server' / 'mlflow.db'}" if mlflow else "off")
+    test = TestSet(plan.test)
+    rng = np.random.default_rng(plan.seed)
+    config = replace(DEVICE_CONFIG, share_crops=plan.share_crops, seed=plan.seed)
+    try:
+        server.process.start()
+        names = [f"camera-{i + 1}" for i in range(len(plan.shards))]
+        devices = []
+        for name in names:
+            device = Device(plan.package, work / "devices" / name, config)
+            report, device = sync_device(device, server.url, server.token(name))
+            if report.error:
+                raise RuntimeError(f"{name}: first sync failed: {report.error}")
+            devices.append(device)
+        chunks = [np.array_split(np.arange(len(shard)), plan.rounds) for shard in plan.shards]
+        records = [_record(0, 0, devices, server, test)]
+        on_round(records[-1])
+        spent = 0
+        for r in range(1, plan.rounds + 1):
+            for i, device in enumerate(devices):
+                frames = [plan.shards[i][j] for j in chunks[i][r - 1]]
+                preds, labels = [], []
+                for path, label in frames:
+                    try:
+                        preds.append(device.predict(path, enqueue=False))
+                        labels.append(label)
+                    except ImageError:
+                        continue
+                if not preds:
+                    continue
+                for k in pick(np.array([p.uncertainty for p in preds]), plan.budget, plan.strategy, rng):
+                    device.learn(preds[k], labels[k])
+                    spent += 1
+                device.save()
+                report, devices[i] = sync_device(device, server.url, server.token(names[i]))
+                _check(report, names[i])
+            server.aggregate()
+            gate = None
+            if plan.refresh_package is not None and plan.refresh_after == r:
+                gate = publish_refresh(server, plan.refresh_package)
+            for i, device in enumerate(devices):  # pull the new global head (and package, if one was published)
+                report, devices[i] = sync_device(device, server.url, server.token(names[i]))
+                _check(report, names[i])
+            records.append(_record(r, spent, devices, server, test, refreshed=gate is not None and gate.get("promoted", False), gate=gate))
+            on_round(records[-1])
+        if mlflow and not server.flush_tracking():
+            print("warning: MLflow did not get every round before the server stopped", file=sys.stderr)
+        return records
+    finally:
+        server.close()
+
+
+def publish_refresh(server: LocalServer, package: Path) -> dict:
+    """Publish a refreshed package through the gate (``infantino-export publish``'s path)."""
+    from export.publish import publish
+
+    status, answer = publish(package, server.url, server.admin)
+    return {"status": status, **answer}
+
+
+def _check(report, name: str) -> None:
+    if report.error:
+        raise RuntimeError(f"{name}: sync failed: {report.error}")
+
+
+def _record(r: int, spent: int, devices: list[Device], server: LocalServer, test: TestSet, refreshed: bool = False,
+            gate: Optional[dict] = None) -> RoundRecord:
+    head, version, package = _global_head(server)
+    ref = devices[0]
+    g = test.score(head, ref)
+    return RoundRecord(r, spent, [test.score(d.head, d)["accuracy"] for d in devices], g["accuracy"], g["macro_f1"],
+                       version, package, g["confusion"], refreshed, gate)
+
