@@ -104,8 +104,8 @@ def _rss_mb() -> float:
 # --------------------------------------------------------------------------- latency (child process)
 
 
-def device_process(model_dir: str, n: int, frame_path: str) -> dict:
-    """Everything a device does, at one thread, in a fresh process: its peak RSS is the device's.
+def device_process(model_dir: str, n: int, frame_path: str, threads: int = 1) -> dict:
+    """Everything a device does, at ``threads`` threads, in a fresh process: its peak RSS is the device's.
 
     The device work runs first and the peak is read before the per-stage timings, which
     load a second (fp32) extractor a device would not hold."""
@@ -114,13 +114,13 @@ def device_process(model_dir: str, n: int, frame_path: str) -> dict:
     from edge_runtime.extractor import Extractor
     from edge_runtime.preprocess import crop_face, decode_gray, detect_faces, prepare
 
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(threads)
     rss_imports = _rss_mb()
     data = Path(frame_path).read_bytes()
     frame = np.load(frame_path + ".npy")
     out: dict = {"frame": {"size": f"{frame.shape[1]}x{frame.shape[0]}", "jpeg_bytes": len(data)}}
     with tempfile.TemporaryDirectory() as tmp:
-        device = Device(model_dir, Path(tmp) / "state", DeviceConfig(threads=1))
+        device = Device(model_dir, Path(tmp) / "state", DeviceConfig(threads=threads))
         rss_open = _rss_mb()
         out["predict_jpeg_ms"] = _timeit(lambda: device.predict(data, enqueue=False), n)
         out["predict_camera_array_ms"] = _timeit(lambda: device.predict(frame, enqueue=False), n)
@@ -169,7 +169,7 @@ def device_process(model_dir: str, n: int, frame_path: str) -> dict:
         out["head_and_uncertainty_ms"] = _timeit(lambda: Uncertainty.of(device.head.predict_proba(emb)[0]), n)
         for role in ("extractor_int8", "extractor"):
             if device.package.has(role):
-                ex = Extractor(device.package.path(role), threads=1)
+                ex = Extractor(device.package.path(role), threads=threads)
                 out[f"{role}_ms_per_face"] = _timeit(lambda: ex(tensor), n)
     return out
 
@@ -192,13 +192,15 @@ def sklearn_comparison(model_dir: str, n: int) -> dict:
 
 
 def latency(args: argparse.Namespace) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    t = str(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t}
     with tempfile.TemporaryDirectory() as tmp:
         frame = camera_frame()
         frame_path = Path(tmp) / "frame.jpg"
         frame_path.write_bytes(jpeg(frame))
         np.save(str(frame_path) + ".npy", frame)
-        r = subprocess.run([sys.executable, __file__, "--child", str(frame_path), "--model-dir", str(args.model_dir), "--n", str(args.n)],
+        r = subprocess.run([sys.executable, __file__, "--child", str(frame_path), "--model-dir", str(args.model_dir), "--n", str(args.n),
+                            "--threads", t],
                            capture_output=True, text=True, env=env, cwd=REPO)
     if r.returncode:
         sys.exit(f"device process failed: {r.stderr.strip()[-2000:]}")
@@ -207,7 +209,7 @@ def latency(args: argparse.Namespace) -> None:
     from edge_runtime.package import open_package
 
     res["package"] = open_package(args.model_dir, verify=False).version
-    res["machine"] = {"cpus": os.cpu_count(), "loadavg_1min": os.getloadavg()[0], "threads": 1}
+    res["machine"] = {"cpus": os.cpu_count(), "loadavg_1min": os.getloadavg()[0], "threads": args.threads}
     rows = [("decode 640x480 JPEG", res["decode_jpeg_ms"]), ("Haar on 160 px copy", res["haar_coarse_ms"]),
             ("Haar on 320 px copy", res["haar_detect_ms"]),
             ("Haar on the full frame", res["haar_full_frame_ms"])]
@@ -220,14 +222,14 @@ def latency(args: argparse.Namespace) -> None:
              ("queue an uncertain frame", res["queue_add_ms"]),
              ("sklearn partial_fit (same batch)", res["sklearn"]["partial_fit_ms"]),
              ("numpy learn_step (same batch)", res["sklearn"]["learn_step_ms"])]
-    print(f"package {res['package']}, 1 thread, load average {res['machine']['loadavg_1min']:.1f} on {res['machine']['cpus']} CPUs")
+    print(f"package {res['package']}, {args.threads} thread(s), load average {res['machine']['loadavg_1min']:.1f} on {res['machine']['cpus']} CPUs")
     print(f"{'step':36s} {'p50 ms':>8s} {'p95 ms':>8s}")
     for name, t in rows:
         print(f"{name:36s} {t['p50']:8.2f} {t['p95']:8.2f}")
     rss = res["rss_mb"]
     print(f"RSS of the device process: {rss['after_imports']} MB after imports, {rss['after_open']} MB after opening, "
           f"{rss['peak_device']} MB peak after {args.n} predicts, learns and saves (sklearn/scipy imported: {res['sklearn_imported']})")
-    out = Path(args.out or RESULTS / "edge.json")
+    out = Path(args.out or RESULTS / ("edge.json" if args.threads == 1 else f"edge_t{args.threads}.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"written to {out}")
@@ -367,10 +369,11 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="learning settings on real data instead of latency")
     p.add_argument("--prepare-real", metavar="DIR", help="write real-data folders for `infantino-edge evaluate` here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime / OpenCV / BLAS threads of the device process")
     p.add_argument("--child", metavar="FRAME", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(device_process(str(args.model_dir), args.n, args.child)))
+        print(json.dumps(device_process(str(args.model_dir), args.n, args.child, args.threads)))
     elif args.prepare_real:
         prepare_real(args)
     elif args.sweep:

@@ -1,14 +1,15 @@
 """Sync-server benchmark: update ingest from concurrent devices, and aggregation time.
 
-    python bench/bench_server.py [--package data/models/<pkg>] [--devices 32] [--seconds 10]
-                                 [--pg-url postgresql+psycopg2://...] [--out bench/results/server.json]
+    python bench/bench_server.py [--package data/models] [--devices 8 32 128] [--seconds 10]
+                                 [--agg-sizes 10 100 1000 10000] [--pg-url postgresql+psycopg2://...]
+                                 [--out bench/results/server.json] [--quick]
 
 1. Ingest: a real ``infantino-server run`` (gunicorn, 2 gthread workers, SQLite with
-   ``synchronous=FULL``) on 127.0.0.1; ``--devices`` device processes-worth of threads
-   each keep one HTTP/1.1 connection and POST npz head updates (the release head's
-   shape: 64 -> 64 -> 7, 4,615 float32) as fast as the server acknowledges them. Every
-   acknowledged update is durable; the count is checked in the store afterwards.
-2. Aggregation: 1,000 and 10,000 buffered updates in the store, one ``aggregate_once``
+   ``synchronous=FULL``) on 127.0.0.1; for each ``--devices`` count, that many simulated
+   devices (threads in ``--client-procs`` processes) POST npz head updates (the release
+   head's shape: 64 -> 64 -> 7, 4,615 float32) as fast as the server acknowledges them.
+   Every acknowledged update is durable; the count is checked in the store afterwards.
+2. Aggregation: 10 / 100 / 1,000 / 10,000 buffered updates in the store, one ``aggregate_once``
    (read the deltas, combine, write the head, mark the updates) for each rule.
 
 Prints a table and writes JSON. Loopback only.
@@ -189,6 +190,7 @@ def _bench_ingest(package, devices, seconds, workers, threads, procs, data, url,
         "store": label, "connections": "keep-alive" if keepalive else "one per update", "devices": devices, "gunicorn_workers": workers, "threads_per_worker": threads, "client_processes": procs,
         "seconds": seconds, "accepted": ok, "errors": bad, "stored": stored, "updates_per_s": ok / seconds,
         "latency_ms_p50": 1000 * lat[len(lat) // 2] if lat else None,
+        "latency_ms_p95": 1000 * lat[int(len(lat) * 0.95)] if lat else None,
         "latency_ms_p99": 1000 * lat[int(len(lat) * 0.99)] if lat else None,
         "server_cpu_ms_per_update": 1000 * float((cpu1 - cpu0).sum()) / max(ok, 1),
         "server_user_sys_ms_per_update": [round(1000 * float(x) / max(ok, 1), 3) for x in (cpu1 - cpu0)], "load_avg_after": os.getloadavg(),
@@ -248,7 +250,9 @@ def bench_aggregation(package: Path, sizes: list[int], url: str | None, work: Pa
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--package")
-    p.add_argument("--devices", type=int, default=32)
+    p.add_argument("--devices", type=int, nargs="+", default=[8, 32, 128], help="concurrent simulated devices, one run each")
+    p.add_argument("--agg-sizes", type=int, nargs="+", default=[10, 100, 1000, 10000], help="buffered updates per aggregation step")
+    p.add_argument("--quick", action="store_true", help="CI size: 4 devices for 2 s, aggregation of 10 and 100")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=16)
@@ -260,6 +264,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-aggregation", action="store_true")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "server.json"))
     args = p.parse_args(argv)
+    if args.quick:
+        args.devices, args.seconds, args.agg_sizes, args.pg_url = [4], 2.0, [10, 100], None
 
     work = Path(tempfile.mkdtemp(prefix="infantino-bench-"))
     try:
@@ -271,25 +277,26 @@ def main(argv=None) -> int:
                                                        "load_avg_at_start": os.getloadavg()}}
         if not args.skip_ingest:
             runs = []
-            for keepalive in (False, True) if args.both_connection_modes else (args.keepalive,):
-                runs.append(bench_ingest(package, args.devices, args.seconds, args.workers, args.threads, args.client_procs,
-                                         work / f"sqlite-{keepalive}", keepalive=keepalive))
-            if args.pg_url:
-                runs.append(bench_ingest(package, args.devices, args.seconds, args.workers, args.threads, args.client_procs,
-                                         work, pg_url=args.pg_url, keepalive=args.keepalive))
+            for n in args.devices:
+                for keepalive in (False, True) if args.both_connection_modes else (args.keepalive,):
+                    runs.append(bench_ingest(package, n, args.seconds, args.workers, args.threads, args.client_procs,
+                                             work / f"sqlite-{n}-{keepalive}", keepalive=keepalive))
+                if args.pg_url:
+                    runs.append(bench_ingest(package, n, args.seconds, args.workers, args.threads, args.client_procs,
+                                             work / f"pg-{n}", pg_url=args.pg_url, keepalive=args.keepalive))
             result["ingest"] = runs
             i = runs[0]
-            print(f"\ningest: {i['devices']} devices, {i['gunicorn_workers']} gunicorn workers x {i['threads_per_worker']} threads, "
-                  f"{i['seconds']:.0f} s, {i['body_bytes']} B/update")
-            print(f"  {'store':>10} {'connections':>14} {'updates/s':>10} {'accepted':>9} {'stored':>7} {'errors':>7} {'p50 ms':>7} {'p99 ms':>7} {'cpu ms/upd':>10}")
+            print(f"\ningest: {i['gunicorn_workers']} gunicorn workers x {i['threads_per_worker']} threads, "
+                  f"{i['seconds']:.0f} s per run, {i['body_bytes']} B/update")
+            print(f"  {'devices':>7} {'store':>10} {'connections':>14} {'updates/s':>10} {'accepted':>9} {'stored':>7} {'errors':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'cpu ms/upd':>10}")
             for i in runs:
-                print(f"  {i['store']:>10} {i['connections']:>14} {i['updates_per_s']:10.0f} {i['accepted']:9d} {i['stored']:7d} {i['errors']:7d} "
-                      f"{i['latency_ms_p50']:7.1f} {i['latency_ms_p99']:7.1f} {i['server_cpu_ms_per_update']:10.2f}")
+                print(f"  {i['devices']:7d} {i['store']:>10} {i['connections']:>14} {i['updates_per_s']:10.0f} {i['accepted']:9d} {i['stored']:7d} {i['errors']:7d} "
+                      f"{i['latency_ms_p50']:7.1f} {i['latency_ms_p95']:7.1f} {i['latency_ms_p99']:7.1f} {i['server_cpu_ms_per_update']:10.2f}")
             print(f"  load average at start {result['machine']['load_avg_at_start'][0]:.1f} (other jobs share these CPUs)")
         if not args.skip_aggregation:
-            rows = bench_aggregation(package, [1000, 10000], None, work, "sqlite")
+            rows = bench_aggregation(package, args.agg_sizes, None, work, "sqlite")
             if args.pg_url:
-                rows += bench_aggregation(package, [1000, 10000], args.pg_url, work, "postgresql")
+                rows += bench_aggregation(package, args.agg_sizes, args.pg_url, work, "postgresql")
             result["aggregation"] = rows
             print("\naggregation (one step: read deltas, combine, write head, mark updates)")
             print(f"  {'store':>10} {'updates':>8} {'rule':>13} {'seconds':>8}")

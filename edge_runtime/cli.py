@@ -212,7 +212,8 @@ def run_sync(args: argparse.Namespace) -> int:
         print(f"pushed {report.pushed} update(s) ({report.duplicates} already known), {len(report.rejected)} refused, "
               f"{report.pending} waiting; package {report.package_version}{' (new)' if report.package_changed else ''}, "
               f"head {report.head_version}{' (adopted, ' + str(report.replayed) + ' samples replayed)' if report.head_changed else ''}"
-              f"{f'; {report.crops_sent} consented crop(s) uploaded' if report.crops_sent else ''}")
+              f"{f'; {report.crops_sent} consented crop(s) uploaded' if report.crops_sent else ''}"
+              f"{f'; {report.crops_erased} uploaded crop(s) erased on the server' if report.crops_erased else ''}")
         for status, reason in report.rejected:
             print(f"refused ({status}): {reason}", file=sys.stderr)
     if report.error:
@@ -226,20 +227,25 @@ def run_sync(args: argparse.Namespace) -> int:
 def add_consent(sub) -> None:
     p = sub.add_parser("consent", help="show or set whether labelled face crops may be uploaded at sync (off by default)")
     p.add_argument("choice", nargs="?", choices=["on", "off"], help="on: share labelled crops from now on; off: stop and delete waiting ones")
+    p.add_argument("--erase", action="store_true", help="with off: also have the server delete the crops it already "
+                                                         "holds from this device (at the next sync)")
     p.add_argument("--state-dir", type=Path, default=None, help=f"device state folder (default: {default_state_dir()})")
     p.set_defaults(func=run_consent)
 
 
 def run_consent(args: argparse.Namespace) -> int:
-    from .consent import CropOutbox, record_consent, recorded_consent
+    from .consent import CropOutbox, record_consent
 
     state = args.state_dir if args.state_dir is not None else default_state_dir()
+    if args.erase and args.choice != "off":
+        raise ValueError("--erase goes with off")
     if args.choice is not None:
-        record_consent(state, args.choice == "on")
-    share = recorded_consent(state)
-    outbox = CropOutbox(state) if share else None
-    print(f"share labelled face crops: {'on' if share else 'off'}; {len(outbox) if outbox else 0} waiting to be uploaded"
-          f"{f', {outbox.dropped} older ones dropped (outbox full)' if outbox and outbox.dropped else ''}")
+        record_consent(state, args.choice == "on", erase=args.erase)
+    outbox = CropOutbox(state)
+    share = outbox.shared()
+    print(f"share labelled face crops: {'on' if share else 'off'}; {len(outbox)} waiting to be uploaded"
+          f"{f', {outbox.dropped} older ones dropped (outbox full)' if outbox.dropped else ''}"
+          f"{'; the server will be asked to delete the uploaded ones at the next sync' if outbox.erase_pending() else ''}")
     return 0
 
 

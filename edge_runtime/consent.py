@@ -107,6 +107,16 @@ class CropOutbox:
         np.savez(buf, crops=crops, labels=labels.astype(np.int64), seq=seq.astype(np.int64), dropped=np.int64(dropped))
         atomic_write_bytes(self.path, buf.getvalue())
 
+    def shared(self) -> bool:
+        """Consent as recorded now (another process, e.g. ``infantino-edge consent off``, may change it)."""
+        return recorded_consent(self.folder)
+
+    def erase_pending(self) -> bool:
+        return erase_pending(self.folder)
+
+    def erase_done(self) -> None:
+        erase_done(self.folder)
+
     def __len__(self) -> int:
         return len(self._read()[1])
 
@@ -115,11 +125,16 @@ class CropOutbox:
         """Crops pushed out by newer ones while the outbox was full (or of an older input size)."""
         return self._read()[3]
 
-    def add(self, crop: np.ndarray, label: int) -> None:
+    def add(self, crop: np.ndarray, label: int) -> bool:
+        """Queue a labelled crop if (and only if) the owner consents now; returns whether it was queued."""
         crop = np.asarray(crop, np.uint8)
         if crop.ndim != 2:
             raise ValueError(f"a shared crop is a 2-D uint8 face crop, not shape {crop.shape}")
+        if not self.shared():
+            return False  # no lock file, no outbox: nothing at all is written without consent
         with _locked(self.folder):
+            if not self.shared():  # withdrawn while we waited for the lock
+                return False
             crops, labels, seq, dropped = self._read()
             if len(labels) and crops.shape[1:] != crop.shape:  # a new package changed the input size:
                 dropped += len(labels)                          # the server would refuse the old crops
@@ -129,6 +144,7 @@ class CropOutbox:
             labels, seq = np.append(labels, int(label)), np.append(seq, nxt)
             over = max(0, len(labels) - self.max_items)
             self._write(crops[over:], labels[over:], seq[over:], dropped + over)
+        return True
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray, int]:
         """The oldest ``n`` waiting crops (N, H, W) uint8, labels (N,) int64 and the last one's

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from .annotation_queue import DEFAULT_MAX_ITEMS, AnnotationQueue
-from .consent import CropOutbox, record_consent, recorded_consent
+from .consent import CropOutbox, record_consent
 from .extractor import DEFAULT_THREADS, Extractor
 from .head import HeadFormatError, OnlineHead
 from .package import ModelPackage, PackageError, open_package
@@ -177,7 +177,7 @@ class Device:
         self._samples_dirty = False
         if config.share_crops is not None:
             record_consent(self.state_dir, config.share_crops)  # False also deletes crops waiting to be sent
-        self.outbox: CropOutbox | None = CropOutbox(self.state_dir) if recorded_consent(self.state_dir) else None
+        self.outbox = CropOutbox(self.state_dir)  # takes crops only while consent is recorded (checked at each add)
         self._last_queued = float("-inf")
         self._lock = threading.RLock()
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
@@ -431,8 +431,7 @@ class Device:
         if hit is not None:
             self.samples.add(hit.crop, y, save=False)  # written with the next snapshot (save())
             self._samples_dirty = True
-            if self.outbox is not None:
-                self.outbox.add(hit.crop, y)
+            self.outbox.add(hit.crop, y)
 
     def _rng(self) -> np.random.Generator:
         """Seeded by the label count, so a restarted device draws the same replay as one that never stopped."""

@@ -224,7 +224,7 @@ class Learner(Protocol):
     def metrics(self) -> dict:
         """Local numbers to report with an update."""
 
-    # optional: ``crop_outbox() -> Optional[CropOutbox]``, consented crops to upload (None: not opted in)
+    # optional: ``crop_outbox() -> Optional[CropOutbox]``, the consented-crops outbox (None: never shares)
 
 
 # --------------------------------------------------------------------------- merge policy
@@ -430,6 +430,7 @@ class SyncReport:
     head_version: Optional[int] = None
     replayed: int = 0
     crops_sent: int = 0  # consented face crops the server stored (only when the device opted in)
+    crops_erased: int = 0  # crops the server deleted after the owner withdrew consent with erase
     error: Optional[str] = None
 
     def to_dict(self) -> dict:
@@ -518,11 +519,20 @@ class Syncer:
 
     # ------------------------------------------------------------ 2b. consented crops
     def push_crops(self, report: SyncReport, batch: int = 128) -> None:
-        """Upload labelled face crops, oldest first, only if the device's owner opted in
-        (``learner.crop_outbox()`` is None otherwise and nothing is sent)."""
+        """Upload labelled face crops, oldest first, only while the device's owner consents; after
+        a withdrawal with erase, ask the server to delete this device's crops instead."""
         outbox = getattr(self.learner, "crop_outbox", lambda: None)()
-        while outbox is not None and len(outbox):
-            crops, labels = outbox.batch(batch)
+        if outbox is None:
+            return
+        if outbox.erase_pending():
+            resp = self.http.request("DELETE", "/v1/crops")
+            _raise_for_auth(resp)
+            if resp.status != 200:
+                raise SyncError(f"DELETE /v1/crops: HTTP {resp.status} {resp.reason}")
+            report.crops_erased = int(resp.json().get("deleted", 0))
+            outbox.erase_done()
+        while outbox.shared() and len(outbox):
+            crops, labels, upto = outbox.batch(batch)
             meta = {"format": CROPS_FORMAT, "device": self._name(), "package_version": self.learner.package_version(),
                     "classes": [str(c) for c in self.learner.head().classes],
                     "idempotency_key": batch_key(self._name(), crops, labels)}
@@ -536,7 +546,7 @@ class Syncer:
                 report.rejected.append((resp.status, f"crops: {resp.reason}"))
             else:
                 raise SyncError(f"POST /v1/crops: HTTP {resp.status} {resp.reason}")
-            outbox.acknowledge(len(labels))
+            outbox.acknowledge(upto)
 
     # ------------------------------------------------------------ 3 + 4. pull and merge
     def pull(self, report: SyncReport) -> None:

@@ -12,7 +12,8 @@ from edge_runtime.sync_client import Http, sync_device
 from edge_helpers import write_image_folder
 from export import cli as export_cli
 from export.publish import package_tar, publish
-from server_helpers import Server, new_device
+from server_helpers import Server, free_port, new_device, teach
+from sync_server import cli as server_cli
 from sync_server import create_app
 from sync_server.gate import SetScore, decide
 from sync_server.models import promote_package
@@ -59,6 +60,7 @@ def test_the_gate_refuses_a_worse_package_and_promotes_a_better_one(gated, tmp_p
     before = _served(srv)
     dev = new_device(tmp_path, tiny_package_dir, "fleet")
     assert sync_device(dev, srv.url, srv.token("fleet"))[0].error is None
+    teach(dev, [0, 1, 2, 3, 4], seed=3)  # kept samples, re-embedded into the new package's head on adoption
 
     # better: promoted, and the fleet moves to it on its next sync
     assert export_cli.main(["publish", str(good), "--server", srv.url, "--admin-token", srv.admin]) == 0
@@ -67,6 +69,7 @@ def test_the_gate_refuses_a_worse_package_and_promotes_a_better_one(gated, tmp_p
     assert _served(srv)[0] == "tiny-good" != before[0]
     report, device = sync_device(dev, srv.url, srv.token("fleet"))
     assert report.error is None and report.package_changed and device.package.version == "tiny-good"
+    assert report.replayed == 5
     promoted = _served(srv)
 
     # worse: refused, production untouched, the fleet stays where it is
@@ -90,13 +93,25 @@ def test_the_gate_refuses_a_worse_package_and_promotes_a_better_one(gated, tmp_p
     decisions = sorted(r.data.tags["decision"] for r in runs)
     assert decisions == ["promoted", "refused", "refused"]
     refused = next(r for r in runs if r.data.tags["decision"] == "refused")
-    assert refused.data.metrics["candidate_accuracy.held"] < refused.data.metrics["current_accuracy.held"]
-    assert refused.data.params["candidate_version"] == "tiny-bad"
+    m = refused.data.metrics
+    assert m["candidate_accuracy"] == m["candidate_accuracy.held"] == gate["candidate"][0]["accuracy"]
+    assert m["current_accuracy"] == m["current_accuracy.held"] == 1.0 and m["candidate_n"] == 42
+    assert refused.data.params["candidate_version"] == "tiny-bad" and refused.data.params["current_version"] == "tiny-good"
+    assert refused.data.tags["gate"] == "failed" and "worse than" in refused.data.tags["reason"]
+
+
+def test_a_package_larger_than_the_update_limit_reaches_the_publish_check(gated):
+    """Packages are tens of MB: the 4 MB limit of device uploads must not apply to them."""
+    srv = gated[0]
+    resp = Http(srv.url, srv.admin, retries=0).request("POST", "/v1/admin/packages", body=_tar({"extractor.onnx": b"0" * (6 << 20)}),
+                                                        headers={"Content-Type": "application/x-tar"})
+    assert resp.status == 422 and "manifest" in resp.reason
 
 
 @pytest.fixture()
 def ungated(tmp_path, tiny_package_dir):
-    app = create_app({"DATA_DIR": str(tmp_path / "srv"), "MLFLOW_URI": "off", "BACKGROUND": False})
+    app = create_app({"DATA_DIR": str(tmp_path / "srv"), "MLFLOW_URI": "off", "BACKGROUND": False,
+                      "MAX_PACKAGE_BYTES": 1 << 20})
     state = app.extensions["infantino"]
     promote_package(state.store, state.data_dir, tiny_package_dir)
     token = state.store.rotate_admin()
@@ -142,6 +157,7 @@ def test_hostile_package_uploads_are_refused(ungated, tmp_path, tiny_package_dir
         (_tar({f"f{i}": b"x" for i in range(20)}), 400, "1 to 16 files"),
         (b"definitely not a tar", 400, "tar"),
         (_tar({"extractor.onnx": b"x"}), 422, "manifest"),
+        (_tar({"extractor.onnx": b"x" * (2 << 20)}), 413, "too large"),
     ]
     for body, status, words in cases:
         resp = client.post("/v1/admin/packages?force=true", data=body, headers=auth)
@@ -149,3 +165,34 @@ def test_hostile_package_uploads_are_refused(ungated, tmp_path, tiny_package_dir
     assert state.store.serving().package_version == "tiny-1"
     assert not any((state.data_dir / "staging").iterdir())  # nothing left behind
     assert client.post("/v1/admin/packages", data=_tar(files)).status_code == 401  # admin only
+
+
+def test_promote_with_a_gate_dir_uses_the_same_gate_locally(ungated, tmp_path, capsys):
+    _, _, state = ungated
+    held = write_image_folder(tmp_path / "held", per_class=3, seed=51, classes=CLASSES)
+    good = build_tiny_package(tmp_path / "good", version="tiny-good-local", head_epochs=300)
+    bad = build_tiny_package(tmp_path / "bad", version="tiny-bad-local", scramble_labels=True)
+    args = ["--data-dir", str(state.data_dir), "--mlflow-uri", "off"]
+    assert server_cli.main(["promote", str(good), "--gate-dir", str(held), *args]) == 0
+    assert state.store.serving().package_version == "tiny-good-local"
+    capsys.readouterr()
+    assert server_cli.main(["promote", str(bad), "--gate-dir", str(held), *args]) == 1
+    err = capsys.readouterr().err
+    assert "gate refused package tiny-bad-local" in err and "worse than the served" in err and "production unchanged" in err
+    assert state.store.serving().package_version == "tiny-good-local"
+    # a generous tolerance lets it through, and that decision is kept too
+    assert server_cli.main(["promote", str(bad), "--gate-dir", str(held), "--tolerance", "1.0", *args]) == 0
+    assert state.store.serving().package_version == "tiny-bad-local"
+
+
+def test_publish_errors_exit_2(tmp_path, tiny_package_dir, capsys, monkeypatch):
+    monkeypatch.delenv("INFANTINO_ADMIN_TOKEN", raising=False)
+    assert export_cli.main(["publish", str(tiny_package_dir), "--server", "http://127.0.0.1:9"]) == 2
+    assert "INFANTINO_ADMIN_TOKEN" in capsys.readouterr().err
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert export_cli.main(["publish", str(tiny_package_dir), "--server", dead, "--admin-token", "t"]) == 2
+    assert "error" in capsys.readouterr().err
+    broken = shutil.copytree(tiny_package_dir, tmp_path / "broken")
+    (broken / "head.npz").write_bytes(b"tampered")
+    assert export_cli.main(["publish", str(broken), "--server", dead, "--admin-token", "t"]) == 2  # checked before sending
+    assert "sha256" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -94,12 +95,29 @@ def test_withdrawing_consent_deletes_what_was_waiting(server, tmp_path, tiny_pac
     teach(dev, [4, 5, 6], seed=7)
     assert len(dev.device.outbox) == 3
     reopened = DeviceLearner(Device(dev.device.package.folder, dev.device.state_dir, replace(CONFIG, share_crops=False)))
-    assert reopened.device.outbox is None and not (reopened.device.state_dir / OUTBOX_NAME).exists()
+    assert not reopened.device.outbox.shared() and not (reopened.device.state_dir / OUTBOX_NAME).exists()
     # the choice is remembered: a later start without an explicit setting stays private
-    assert Device(dev.device.package.folder, dev.device.state_dir, CONFIG).outbox is None
+    assert not Device(dev.device.package.folder, dev.device.state_dir, CONFIG).outbox.shared()
     teach(reopened, [1, 2], seed=8)
+    teach(dev, [1, 2], seed=9)  # the device opened before the withdrawal obeys it too
+    assert not (reopened.device.state_dir / OUTBOX_NAME).exists()
     report, paths = sync_recorded(reopened, server, "changes-mind")
     assert report.crops_sent == 0 and not any("/v1/crops" in p for p in paths) and crops_of(server, "changes-mind") == 0
+
+
+def test_withdrawing_with_erase_deletes_the_uploaded_crops_at_the_next_sync(server, tmp_path, tiny_package_dir):
+    from edge_runtime.consent import record_consent
+
+    dev = sharing_device(tmp_path, tiny_package_dir, "erases")
+    teach(dev, [0, 3], seed=10)
+    assert sync_recorded(dev, server, "erases")[0].crops_sent == 2 and crops_of(server, "erases") == 2
+    record_consent(dev.device.state_dir, False, erase=True)
+    teach(dev, [5], seed=11)
+    report, paths = sync_recorded(dev, server, "erases")
+    assert report.error is None and report.crops_erased == 2 and paths.count("DELETE /v1/crops") == 1
+    assert "POST /v1/crops" not in paths and crops_of(server, "erases") == 0
+    report, paths = sync_recorded(dev, server, "erases")  # confirmed once: not asked again
+    assert not any("/v1/crops" in p for p in paths)
 
 
 def _body(name: str, crops, labels, **meta) -> bytes:
@@ -140,6 +158,14 @@ def test_purge_deletes_exactly_one_devices_crops(server, tmp_path, tiny_package_
         teach(dev, labels, seed=len(name))
         assert sync_recorded(dev, server, name)[0].crops_sent == len(labels)
     args = ["--data-dir", str(server.data), "--mlflow-uri", "off"]
+    capsys.readouterr()
+    assert server_cli.main(["crops", "list", "--json", *args]) == 0
+    listed = {(r["device"], r["label"]): r["n"] for r in json.loads(capsys.readouterr().out)}
+    assert {k: v for k, v in listed.items() if k[0].startswith("purge-")} == {
+        ("purge-a", 0): 1, ("purge-a", 1): 1, ("purge-a", 2): 1, ("purge-b", 3): 1, ("purge-b", 4): 1}
+    admin = Http(server.url, server.admin).request("GET", "/v1/admin/crops").json()["crops"]
+    assert {(r["device"], r["label"]): r["n"] for r in admin} == listed
+    assert server_cli.main(["device", "revoke", "purge-a", *args]) == 0  # a revoked device can still be purged
     assert server_cli.main(["device", "purge", "purge-a", *args]) == 0
     assert "deleted 3 crop(s)" in capsys.readouterr().out
     assert crops_of(server, "purge-a") == 0 and crops_of(server, "purge-b") == 2
