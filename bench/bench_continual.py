@@ -74,18 +74,27 @@ def _stack(emb: dict[int, np.ndarray], idx: list[int], items: list[tuple[Path, i
 
 
 def phases_for(seed: int, items, photo_emb, fer_x, fer_y, embedded: np.ndarray, n_adult: int, n_adult_test: int):
-    """(streams, tests): per phase (x, y); the three infant streams and the test part are disjoint,
-    adult faces come from the package's training part (stream) and held-out part (test)."""
+    """(streams, tests): per phase (x, y).
+
+    The infant photos are split (seeded, duplicates kept on one side) into four disjoint
+    quarters: the day stream of "infant", the IR stream of "night_ir", the day stream of
+    "infant_again", and the held-out part, whose day images are the infant test set and whose
+    IR versions are the night-IR test set: no photo is in a stream and a held-out set. Adult
+    faces come from the package's training part (stream) and its held-out part (test)."""
     rng = np.random.default_rng(seed)
     index = {str(p): i for i, (p, _) in enumerate(items)}
-    parts = split_items(items, {"a": 0.25, "b": 0.25, "c": 0.25, "test": 0.25}, seed)
+    parts = split_items(items, {"infant": 0.25, "night_ir": 0.25, "infant_again": 0.25, "test": 0.25}, seed)
     idx = {k: [index[str(p)] for p, _ in v] for k, v in parts.items()}
+    streamed = set(idx["infant"]) | set(idx["night_ir"]) | set(idx["infant_again"])
+    if streamed & set(idx["test"]) or sum(len(v) for v in idx.values()) != len(items):
+        raise RuntimeError("the infant split put a photo in a stream and in the held-out set")
     keep, held = stratified_split(fer_y, 0.1, 0)  # the package's own split: held-out faces were never trained on
     keep, held = keep[embedded[keep]], held[embedded[held]]
     a_stream = rng.choice(keep, size=min(n_adult, len(keep)), replace=False)
     a_test = rng.choice(held, size=min(n_adult_test, len(held)), replace=False)
-    streams = {"adult": (fer_x[a_stream], fer_y[a_stream]), "infant": _stack(photo_emb["day"], idx["a"], items),
-               "night_ir": _stack(photo_emb["ir"], idx["b"], items), "infant_again": _stack(photo_emb["day"], idx["c"], items)}
+    streams = {"adult": (fer_x[a_stream], fer_y[a_stream]), "infant": _stack(photo_emb["day"], idx["infant"], items),
+               "night_ir": _stack(photo_emb["ir"], idx["night_ir"], items),
+               "infant_again": _stack(photo_emb["day"], idx["infant_again"], items)}
     test_day, test_ir = _stack(photo_emb["day"], idx["test"], items), _stack(photo_emb["ir"], idx["test"], items)
     tests = {"adult": (fer_x[a_test], fer_y[a_test]), "infant": test_day, "night_ir": test_ir, "infant_again": test_day}
     return streams, tests
@@ -178,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         keep, held = stratified_split(fer_y, 0.1, 0)
         # embed what a phase can draw (all of FER would take minutes): the held-out faces and a superset of the streams
         extra = np.random.default_rng(12345).choice(keep, size=min(4 * args.adult, len(keep)), replace=False)
+        if args.quick:  # CI size: a few held-out faces per test draw instead of all 2,571
+            held = np.random.default_rng(12345).choice(held, size=min(2 * args.adult_test, len(held)), replace=False)
         sample = np.unique(np.concatenate([held, extra]))
         for i in range(0, len(sample), 256):
             chunk = sample[i : i + 256]

@@ -1,10 +1,15 @@
 """Device benchmark: the predict path, learn, and the peak memory of a device process.
 
-    python bench/bench_edge.py [--model-dir data/models] [--n 200]
-        latency at 1 thread (decode, Haar, extractor int8/fp32, whole predict on a 640x480
-        JPEG and on a camera array, learn with a cached embedding, learn + save, queueing a
-        frame), peak RSS of a process that predicts and learns, scikit-learn's partial_fit
-        for comparison. Prints a table, writes bench/results/edge.json.
+    python bench/bench_edge.py [--model-dir data/models] [--n 200] [--threads 1 2]
+                               [--torch-checkpoint CKPT] [--quick] [--out bench/results/edge.json]
+        latency, p50/p95, in one fresh device process per thread count: decode, face crop,
+        preprocess, extractor int8/fp32 in ONNX Runtime, head predict, whole predict on a
+        640x480 JPEG (and on a camera array, without a face, in batches), learn with a cached
+        embedding, save, queueing a frame; the peak RSS of that process after it predicts and
+        learns; scikit-learn's partial_fit for comparison; and, in the same run, the package's
+        ONNX extractors against the same network in PyTorch eager (the checkpoint's weights
+        when given, skipped with a note without torch) with FLOPs, achieved GFLOP/s and a
+        float32 matmul peak. Prints a table, writes bench/results/edge.json.
 
     python bench/bench_edge.py --sweep [--model-dir data/models]
         the learning settings on real data: infant photos split 75/25 (three seeded splits,
@@ -21,6 +26,7 @@ Real data is read from ../shared/data and never copied into the repository.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -46,21 +52,7 @@ from edge_runtime.preprocess import CLASSES, ImageError, faces_tensor  # noqa: E
 from edge_runtime.replay import balanced_indices  # noqa: E402
 from edge_runtime.splits import stratified_split  # noqa: E402
 
-
-def _ms(times: list[float]) -> dict:
-    a = np.asarray(times) * 1e3
-    return {"p50": round(float(np.percentile(a, 50)), 3), "p95": round(float(np.percentile(a, 95)), 3), "n": len(a)}
-
-
-def _timeit(fn, n: int, warmup: int = 5) -> dict:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return _ms(out)
+from _timing import percentiles, timeit  # noqa: E402
 
 
 def camera_frame(seed: int = 0) -> np.ndarray:
@@ -112,7 +104,7 @@ def device_process(model_dir: str, n: int, frame_path: str, threads: int = 1) ->
     import cv2
 
     from edge_runtime.extractor import Extractor
-    from edge_runtime.preprocess import crop_face, decode_gray, detect_faces, prepare
+    from edge_runtime.preprocess import crop_face, decode_gray, detect_faces, face_tensor
 
     cv2.setNumThreads(threads)
     rss_imports = _rss_mb()
@@ -122,13 +114,13 @@ def device_process(model_dir: str, n: int, frame_path: str, threads: int = 1) ->
     with tempfile.TemporaryDirectory() as tmp:
         device = Device(model_dir, Path(tmp) / "state", DeviceConfig(threads=threads))
         rss_open = _rss_mb()
-        out["predict_jpeg_ms"] = _timeit(lambda: device.predict(data, enqueue=False), n)
-        out["predict_camera_array_ms"] = _timeit(lambda: device.predict(frame, enqueue=False), n)
+        out["predict_jpeg_ms"] = timeit(lambda: device.predict(data, enqueue=False), n)
+        out["predict_camera_array_ms"] = timeit(lambda: device.predict(frame, enqueue=False), n)
         empty = jpeg(np.ascontiguousarray(frame[::-1]))  # the same photo upside down: a frontal detector finds no face
         out["no_face_frame_face_found"] = device.predict(empty, enqueue=False).face_found
-        out["predict_jpeg_no_face_ms"] = _timeit(lambda: device.predict(empty, enqueue=False), max(10, n // 4))
+        out["predict_jpeg_no_face_ms"] = timeit(lambda: device.predict(empty, enqueue=False), max(10, n // 4))
         batch = [frame] * 8
-        t8 = _timeit(lambda: device.predict_batch(batch, enqueue=False), max(10, n // 8))
+        t8 = timeit(lambda: device.predict_batch(batch, enqueue=False), max(10, n // 8))
         out["predict_batch8_ms_per_frame"] = {"p50": t8["p50"] / 8, "p95": t8["p95"] / 8, "n": t8["n"]}
         # learn: distinct frames (shifted), each predicted first, as a caregiver would label them
         frames = [jpeg(np.roll(frame, 3 * i, axis=1), 85) for i in range(n)]
@@ -141,36 +133,42 @@ def device_process(model_dir: str, n: int, frame_path: str, threads: int = 1) ->
             t = time.perf_counter()
             device.save()
             save_t.append(time.perf_counter() - t)
-        out["learn_cached_ms"] = _ms(learn_t)
-        out["save_state_ms"] = _ms(save_t)
+        out["learn_cached_ms"] = percentiles(learn_t)
+        out["save_state_ms"] = percentiles(save_t)
         q = []
         for i in range(min(n, 100)):
             crop = np.full((64, 64), i, np.uint8)
             t = time.perf_counter()
             device.queue.add(crop, predicted="sad", uncertainty=0.9, probabilities=[1 / 7] * 7, face_found=True, frame_key=f"{i:08x}")
             q.append(time.perf_counter() - t)
-        out["queue_add_ms"] = _ms(q)
+        out["queue_add_ms"] = percentiles(q)
         out["counters"] = dict(device.counters)
         out["snapshot_bytes"] = device.store.generations()[0][1].stat().st_size
         out["rss_mb"] = {"after_imports": round(rss_imports, 1), "after_open": round(rss_open, 1),
                          "peak_device": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
         out["sklearn_imported"] = "sklearn" in sys.modules or "scipy" in sys.modules
-        # the stages one by one
+        # the stages one by one, as the device runs them on this frame
         gray = decode_gray(data)
-        out["frame"]["face_found"] = crop_face(gray).face_found
-        out["decode_jpeg_ms"] = _timeit(lambda: decode_gray(data), n)
-        out["haar_detect_ms"] = _timeit(lambda: detect_faces(gray), n)
-        out["haar_coarse_ms"] = _timeit(lambda: detect_faces(gray, max_side=device.config.detect_coarse_side or 160), n)
-        out["haar_full_frame_ms"] = _timeit(lambda: detect_faces(gray, max_side=10_000), max(10, n // 10))
-        tensor = prepare(data, device.spec).tensor
+        coarse = replace(device.spec, detect_max_side=device.config.detect_coarse_side or device.spec.detect_max_side)
+        face = crop_face(gray, coarse)
+        out["frame"]["face_found"] = face.face_found
+        out["decode_jpeg_ms"] = timeit(lambda: decode_gray(data), n)
+        out["face_crop_ms"] = timeit(lambda: crop_face(gray, coarse), n)  # Haar on the 160 px copy + square crop
+        out["preprocess_ms"] = timeit(lambda: face_tensor(face.pixels, device.spec), n)  # resize to 64x64 + normalise
+        out["prepare_ms"] = timeit(lambda: device.prepare(data), n)  # the three above, through the device
+        out["haar_detect_ms"] = timeit(lambda: detect_faces(gray), n)
+        out["haar_coarse_ms"] = timeit(lambda: detect_faces(gray, max_side=coarse.detect_max_side), n)
+        out["haar_full_frame_ms"] = timeit(lambda: detect_faces(gray, max_side=10_000), max(10, n // 10))
+        tensor = face_tensor(face.pixels, device.spec)
         from edge_runtime.uncertainty import Uncertainty
 
         emb = device.extractor(tensor)
-        out["head_and_uncertainty_ms"] = _timeit(lambda: Uncertainty.of(device.head.predict_proba(emb)[0]), n)
+        out["head_predict_ms"] = timeit(lambda: device.head.predict_proba(emb), n)
+        out["head_and_uncertainty_ms"] = timeit(lambda: Uncertainty.of(device.head.predict_proba(emb)[0]), n)
         for role in ("extractor_int8", "extractor"):
             if device.package.has(role):
                 ex = Extractor(device.package.path(role), threads=threads)
-                out[f"{role}_ms_per_face"] = _timeit(lambda: ex(tensor), n)
+                out[f"{role}_ms_per_face"] = timeit(lambda: ex(tensor), n)
     return out
 
 
@@ -185,51 +183,105 @@ def sklearn_comparison(model_dir: str, n: int) -> dict:
     y = rng.integers(0, 7, 25)
     ref, fast = head.copy(), head.copy()
     ref.clf  # build the sklearn object outside the timing
-    return {"partial_fit_ms": _timeit(lambda: ref.clf.partial_fit(x, y), n),
-            "learn_step_ms": _timeit(lambda: fast.learn_step(x, y), n),
-            "predict_proba_sklearn_ms": _timeit(lambda: ref.clf.predict_proba(x[:1]), n),
-            "predict_proba_numpy_ms": _timeit(lambda: fast.predict_proba(x[:1]), n)}
+    return {"partial_fit_ms": timeit(lambda: ref.clf.partial_fit(x, y), n),
+            "learn_step_ms": timeit(lambda: fast.learn_step(x, y), n),
+            "predict_proba_sklearn_ms": timeit(lambda: ref.clf.predict_proba(x[:1]), n),
+            "predict_proba_numpy_ms": timeit(lambda: fast.predict_proba(x[:1]), n)}
+
+
+STEPS = [  # (table row, JSON key), in the order a frame meets them
+    ("decode 640x480 JPEG", "decode_jpeg_ms"), ("face crop (Haar on 160 px + crop)", "face_crop_ms"),
+    ("preprocess (resize 64x64 + normalise)", "preprocess_ms"), ("  all three, through the device", "prepare_ms"),
+    ("  Haar on a 320 px copy (fallback)", "haar_detect_ms"), ("  Haar on the full frame", "haar_full_frame_ms"),
+    ("extractor int8 (ORT), one face", "extractor_int8_ms_per_face"), ("extractor fp32 (ORT), one face", "extractor_ms_per_face"),
+    ("head predict", "head_predict_ms"), ("head + uncertainty", "head_and_uncertainty_ms"),
+    ("whole predict, 640x480 JPEG", "predict_jpeg_ms"), ("whole predict, camera array", "predict_camera_array_ms"),
+    ("whole predict, JPEG without a face", "predict_jpeg_no_face_ms"), ("whole predict, batch of 8, per frame", "predict_batch8_ms_per_frame"),
+    ("learn, cached embedding", "learn_cached_ms"), ("save state snapshot", "save_state_ms"), ("queue an uncertain frame", "queue_add_ms"),
+]
+
+
+def device_run(args: argparse.Namespace, frame_path: Path, threads: int) -> dict:
+    """``device_process`` in a fresh child with every thread pool capped at ``threads``."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
+    r = subprocess.run([sys.executable, __file__, "--child", str(frame_path), "--model-dir", str(args.model_dir), "--n", str(args.n),
+                        "--threads", str(threads)], capture_output=True, text=True, env=env, cwd=REPO)
+    if r.returncode:
+        sys.exit(f"device process failed: {r.stderr.strip()[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def torch_column(args: argparse.Namespace, data: bytes) -> dict:
+    """The package's ONNX extractors against the same network in PyTorch eager, one face, same run.
+
+    Same weights when ``--torch-checkpoint`` is the package's checkpoint (parity is reported);
+    otherwise the manifest's architecture, untrained: latency does not depend on the values."""
+    if importlib.util.find_spec("torch") is None:
+        return {"skipped": "torch is not installed (it comes with the export extra: pip install -e '.[export]')"}
+    from bench_extractors import compare_runtimes, peaks
+    from export.model import EmbeddingExtractor, ModelConfig, build_model
+    from export.train import load_checkpoint
+
+    from edge_runtime.package import open_package
+    from edge_runtime.preprocess import prepare
+
+    package = open_package(args.model_dir, verify=False)
+    if args.torch_checkpoint:
+        net, weights = load_checkpoint(args.torch_checkpoint)[0], str(args.torch_checkpoint)
+    else:
+        model = package.manifest.model
+        fields = {k: model[k] for k in ("arch", "embedding_dim", "num_classes", "in_chans") if k in model}
+        try:
+            net = build_model(ModelConfig(**fields), imagenet_init=False).eval()
+        except Exception as e:  # noqa: BLE001 - an architecture torch cannot build (e.g. a test package)
+            return {"skipped": f"cannot build the package's architecture {fields.get('arch')!r} in torch: {e}"}
+        weights = "untrained, the manifest's architecture"
+    onnx = {prec: package.path(role) for prec, role in (("int8", "extractor_int8"), ("fp32", "extractor")) if package.has(role)}
+    peak = peaks(tuple(args.threads))
+    out = compare_runtimes(EmbeddingExtractor(net).eval(), onnx, prepare(data, package.manifest.preprocess).tensor, args.n, peak, tuple(args.threads))
+    if not args.torch_checkpoint:
+        out.pop("parity_fp32_max_abs")  # other weights: the outputs differ by design
+    return {"arch": package.manifest.model.get("arch", "?"), "weights": weights, "matmul_peak_gflops": peak, **out}
+
+
+def print_latency(res: dict) -> None:
+    threads = list(res["threads"])
+    print(f"package {res['package']}, load average {res['machine']['loadavg_1min']:.1f} on {res['machine']['cpus']} CPUs")
+    print(f"{'step (ms)':40s}" + "".join(f" {f't{t} p50':>8s} {f't{t} p95':>8s}" for t in threads))
+    for name, key in STEPS + [("sklearn partial_fit (same batch as learn)", "partial_fit_ms"), ("numpy learn_step (same batch)", "learn_step_ms")]:
+        cells = [res["threads"][t].get(key) or res["sklearn"].get(key) for t in threads]
+        if all(cells):
+            print(f"{name:40s}" + "".join(f" {c['p50']:8.2f} {c['p95']:8.2f}" for c in cells))
+    for t in threads:
+        rss = res["threads"][t]["rss_mb"]
+        print(f"RSS of the device process at {t} thread(s): {rss['after_imports']} MB after imports, {rss['after_open']} MB after opening, "
+              f"{rss['peak_device']} MB peak after {res['n']} predicts, learns and saves")
+    col = res["extractor_runtimes"]
+    if "skipped" in col:
+        print(f"torch column skipped: {col['skipped']}")
+    else:
+        from bench_extractors import print_rows
+
+        print(f"\nthe package's extractor in ONNX Runtime vs PyTorch eager (weights: {col['weights']}):")
+        print_rows([col], col["matmul_peak_gflops"], tuple(int(t) for t in threads))
 
 
 def latency(args: argparse.Namespace) -> None:
-    t = str(args.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t}
     with tempfile.TemporaryDirectory() as tmp:
         frame = camera_frame()
         frame_path = Path(tmp) / "frame.jpg"
         frame_path.write_bytes(jpeg(frame))
         np.save(str(frame_path) + ".npy", frame)
-        r = subprocess.run([sys.executable, __file__, "--child", str(frame_path), "--model-dir", str(args.model_dir), "--n", str(args.n),
-                            "--threads", t],
-                           capture_output=True, text=True, env=env, cwd=REPO)
-    if r.returncode:
-        sys.exit(f"device process failed: {r.stderr.strip()[-2000:]}")
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    res["sklearn"] = sklearn_comparison(str(args.model_dir), args.n)
+        runs = {str(t): device_run(args, frame_path, t) for t in args.threads}
+        data = frame_path.read_bytes()
     from edge_runtime.package import open_package
 
-    res["package"] = open_package(args.model_dir, verify=False).version
-    res["machine"] = {"cpus": os.cpu_count(), "loadavg_1min": os.getloadavg()[0], "threads": args.threads}
-    rows = [("decode 640x480 JPEG", res["decode_jpeg_ms"]), ("Haar on 160 px copy", res["haar_coarse_ms"]),
-            ("Haar on 320 px copy", res["haar_detect_ms"]),
-            ("Haar on the full frame", res["haar_full_frame_ms"])]
-    rows += [(f"{r} per face", res[f"{r}_ms_per_face"]) for r in ("extractor_int8", "extractor") if f"{r}_ms_per_face" in res]
-    rows += [("predict, JPEG bytes", res["predict_jpeg_ms"]), ("predict, camera array", res["predict_camera_array_ms"]),
-             ("predict, JPEG without a face", res["predict_jpeg_no_face_ms"]),
-             ("predict, batch of 8, per frame", res["predict_batch8_ms_per_frame"]),
-             ("head + uncertainty", res["head_and_uncertainty_ms"]),
-             ("learn, cached embedding", res["learn_cached_ms"]), ("save state snapshot", res["save_state_ms"]),
-             ("queue an uncertain frame", res["queue_add_ms"]),
-             ("sklearn partial_fit (same batch)", res["sklearn"]["partial_fit_ms"]),
-             ("numpy learn_step (same batch)", res["sklearn"]["learn_step_ms"])]
-    print(f"package {res['package']}, {args.threads} thread(s), load average {res['machine']['loadavg_1min']:.1f} on {res['machine']['cpus']} CPUs")
-    print(f"{'step':36s} {'p50 ms':>8s} {'p95 ms':>8s}")
-    for name, t in rows:
-        print(f"{name:36s} {t['p50']:8.2f} {t['p95']:8.2f}")
-    rss = res["rss_mb"]
-    print(f"RSS of the device process: {rss['after_imports']} MB after imports, {rss['after_open']} MB after opening, "
-          f"{rss['peak_device']} MB peak after {args.n} predicts, learns and saves (sklearn/scipy imported: {res['sklearn_imported']})")
-    out = Path(args.out or RESULTS / ("edge.json" if args.threads == 1 else f"edge_t{args.threads}.json"))
+    res = {"package": open_package(args.model_dir, verify=False).version, "n": args.n,
+           "machine": {"cpus": os.cpu_count(), "loadavg_1min": os.getloadavg()[0], "threads": args.threads},
+           "threads": runs, "sklearn": sklearn_comparison(str(args.model_dir), args.n),
+           "extractor_runtimes": torch_column(args, data)}
+    print_latency(res)
+    out = Path(args.out or RESULTS / "edge.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"written to {out}")
@@ -369,11 +421,15 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="learning settings on real data instead of latency")
     p.add_argument("--prepare-real", metavar="DIR", help="write real-data folders for `infantino-edge evaluate` here")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime / OpenCV / BLAS threads of the device process")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="ONNX Runtime / OpenCV / BLAS threads of the device process; one run each")
+    p.add_argument("--torch-checkpoint", type=Path, help="the package's training checkpoint: the torch column then runs the same weights")
+    p.add_argument("--quick", action="store_true", help="CI size: 10 repetitions per step")
     p.add_argument("--child", metavar="FRAME", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.quick:
+        args.n = 10
     if args.child:
-        print(json.dumps(device_process(str(args.model_dir), args.n, args.child, args.threads)))
+        print(json.dumps(device_process(str(args.model_dir), args.n, args.child, args.threads[0])))
     elif args.prepare_real:
         prepare_real(args)
     elif args.sweep:

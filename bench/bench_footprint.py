@@ -4,7 +4,7 @@ Resolves each extra's dependency closure from the installed distributions' metad
 (requirements with their markers) and sums the installed file sizes from each
 distribution's RECORD. No network, no new environment: it measures what pip put here.
 
-    python bench/bench_footprint.py [--extras edge export server] [--out bench/results/footprint.json]
+    python bench/bench_footprint.py [--extras edge export server] [--out bench/results/footprint.json] [--quick]
 """
 from __future__ import annotations
 
@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--extras", nargs="+", default=["edge", "export", "server"])
     p.add_argument("--out", type=Path, default=RESULTS / "footprint.json")
+    p.add_argument("--quick", action="store_true", help="CI size: the edge and export extras only")
     args = p.parse_args(argv)
+    if args.quick:
+        args.extras = ["edge", "export"]
     rows = [footprint(e) for e in args.extras]
     print(f"{'extra':8s} {'packages':>8s} {'MB':>8s}   largest")
     for r in rows:
