@@ -134,3 +134,10 @@ class LocalServer:
     def close(self) -> None:
         self.process.kill()
         self.store.dispose()
+
+    def __enter__(self) -> "LocalServer":
+        self.process.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

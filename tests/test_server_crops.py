@@ -22,10 +22,8 @@ SHARING = replace(CONFIG, share_crops=True)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_package_dir):
-    srv = Server(tmp_path_factory.mktemp("crops-server"), tiny_package_dir)
-    srv.process.start()
-    yield srv
-    srv.close()
+    with Server(tmp_path_factory.mktemp("crops-server"), tiny_package_dir) as srv:
+        yield srv
 
 
 def sharing_device(root, package, name: str) -> DeviceLearner:

@@ -17,10 +17,8 @@ from tiny_package import build_tiny_package, synthetic_face
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_package_dir):
-    srv = Server(tmp_path_factory.mktemp("sync-server"), tiny_package_dir)
-    srv.process.start()
-    yield srv
-    srv.close()
+    with Server(tmp_path_factory.mktemp("sync-server"), tiny_package_dir) as srv:
+        yield srv
 
 
 def sync(learner: DeviceLearner, server: Server, name: str, **kw):
