@@ -16,7 +16,7 @@
         three stream orders each), accuracy on held-out infant photos and on held-out adult
         FER faces after streaming the infant training part. Writes bench/results/edge_sweep.json.
 
-    python bench/bench_edge.py --prepare-real /tmp/edge-real
+    python bench/bench_edge.py --prepare-real /tmp/edge-real [--three-way]
         folders for `infantino-edge evaluate` on real data, outside the repository: the infant
         split (symbolic links), the package's held-out FER faces as PNG, and a replay seed of
         FER training embeddings (64 per class) for packages that do not carry one yet.
@@ -316,7 +316,10 @@ def prepare_real(args: argparse.Namespace) -> None:
     out = Path(args.prepare_real)
     if out.resolve().is_relative_to(REPO):
         sys.exit("write real-data folders outside the repository")
-    parts = split_items(list_image_folder(SHARED / "infant"), {"train": 0.75, "test": 0.25}, seed=args.seed)
+    # --three-way: a part to fine-tune an infant-adapted extractor on, a part to stream, a held-out part;
+    # the test part is the same photos as the 75/25 split's (same seed, same last quarter)
+    fractions = {"finetune": 0.5, "train": 0.25, "test": 0.25} if args.three_way else {"train": 0.75, "test": 0.25}
+    parts = split_items(list_image_folder(SHARED / "infant"), fractions, seed=args.seed)
     roots = write_split(parts, out / "infant")
     images, labels, _, held = _fer(SHARED / "fer2013" / "fer2013_train.npz")
     for i in held:
@@ -420,6 +423,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="JSON output (default: bench/results/edge.json or edge_sweep.json)")
     p.add_argument("--sweep", action="store_true", help="learning settings on real data instead of latency")
     p.add_argument("--prepare-real", metavar="DIR", help="write real-data folders for `infantino-edge evaluate` here")
+    p.add_argument("--three-way", action="store_true", help="with --prepare-real: infant/finetune (50 %%), infant/train "
+                                                           "(25 %%, the stream) and infant/test (25 %%)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="ONNX Runtime / OpenCV / BLAS threads of the device process; one run each")
     p.add_argument("--torch-checkpoint", type=Path, help="the package's training checkpoint: the torch column then runs the same weights")

@@ -1,4 +1,4 @@
-"""``infantino-demo``: run a small fleet end to end and show the global head improving.
+"""``infantino-demo``: run a small fleet end to end and measure what its labels do to the global head.
 
     infantino-demo [--images DIR] [--model-dir DIR] [--devices 4] [--rounds 5] [--budget 8]
                    [--out runs/demo] [--refresh-package DIR --refresh-after R] [--share-crops] [--quick]
@@ -6,11 +6,15 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from .data import find_images, plan_split
+from edge_runtime.package import open_package
+
+from .data import find_images, fresh_out, plan_split, trained_on_held_out
 from .fleet import STRATEGIES, FleetPlan, run_fleet
 from .report import header, plot, row, write_summary
 
@@ -39,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.devices, args.rounds, args.budget, args.limit = 2, 2, 3, args.limit or 40
         args.strategies = args.strategies if "," not in args.strategies else "uncertainty"
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a kill cleans up as Ctrl-C does
     try:
         return _run(args)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
@@ -47,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("infantino-demo: interrupted; the server was stopped", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -57,9 +70,16 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown strategy {sorted(unknown)}; choose from {', '.join(STRATEGIES)}")
     if (args.refresh_package is None) != (args.refresh_after is None):
         raise ValueError("--refresh-package and --refresh-after go together")
+    if args.refresh_after is not None and not 1 <= args.refresh_after <= args.rounds:
+        raise ValueError(f"--refresh-after must be a round from 1 to {args.rounds}")
     shards, test = plan_split(images, args.devices, args.seed, limit=args.limit)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    open_package(Path(args.model_dir), verify=False)  # a missing or malformed package: one line, before anything is wiped
+    for package in filter(None, [args.model_dir, args.refresh_package]):
+        if leaked := trained_on_held_out(Path(package), test):
+            raise ValueError(f"{package} was trained on {leaked} of the {len(test)} held-out photos "
+                             f"(seed {args.seed}); use the seed of the split it was trained on")
+    out = fresh_out(Path(args.out).resolve())  # absolute: the server process runs from the repository and
+    # Flask resolves a relative file path against its package folder
     gate_dir = _write_test_folder(out / "held-out", test) if args.refresh_package else None
     print(f"{sum(map(len, shards))} photos in {args.devices} camera streams, {len(test)} held out; "
           f"{args.rounds} rounds, {args.budget} labels per camera per round; package {args.model_dir}")
@@ -73,7 +93,8 @@ def _run(args: argparse.Namespace) -> int:
                          share_crops=args.share_crops,
                          refresh_package=Path(args.refresh_package) if args.refresh_package else None,
                          refresh_after=args.refresh_after, gate_dirs=[str(gate_dir)] if gate_dir else [])
-        bar = tqdm(total=args.rounds + 1, desc=f"{strategy} labelling", unit="round", leave=False) if tqdm else None
+        bar = (tqdm(total=args.rounds + 1, desc=f"{strategy} labelling", unit="round", leave=False, disable=None)
+               if tqdm else None)  # disable=None: no bar when stderr is not a terminal (logs, CI)
         lines = [header(args.devices)]
 
         def on_round(record, strategy=strategy, bar=bar, lines=lines):
@@ -95,6 +116,11 @@ def _run(args: argparse.Namespace) -> int:
     for strategy, recs in arms.items():
         print(f"{strategy:11s} global head on held-out photos: {recs[0].global_accuracy:.3f} -> {recs[-1].global_accuracy:.3f} "
               f"after {recs[-1].labels_spent} labels")
+        for r in recs:
+            if r.gate is not None:
+                decision = "promoted" if r.refreshed else "refused by the gate"
+                print(f"{'':11s} refreshed package after round {r.round} ({decision}): global head "
+                      f"{r.gate['held_out_before']:.3f} before -> {r.global_accuracy:.3f} after")
     print(f"summary: {summary}" + (f"; plots: {', '.join(str(p) for p in plots)}" if plots else " (no matplotlib: no plots)"))
     if not args.no_mlflow:
         first = out.resolve() / strategies[0] / "server"

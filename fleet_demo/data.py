@@ -35,3 +35,34 @@ def plan_split(root: Path, devices: int, seed: int, test_fraction: float = 0.25,
     if min(len(s) for s in shards) == 0 or not parts["test"]:
         raise ValueError(f"{len(items)} photos are too few for {devices} devices and a held-out part")
     return shards, parts["test"]
+
+
+def trained_on_held_out(package: Path, test: list[tuple[Path, int]]) -> int:
+    """How many held-out photos (by content) sit in the image folders the package's manifest says
+    it was trained on: a package scored on photos it learned from would flatter itself. Only exact
+    files are caught; re-encoded crops of a held-out photo (``crops export``) are not."""
+    from edge_runtime.imagefolder import _digest  # the same content key the split keeps duplicates by
+    from edge_runtime.package import open_package
+
+    folders = [Path(f) for f in open_package(package, verify=False).manifest.trained_on.get("images") or []]
+    seen = {_digest(p) for f in folders if f.is_dir() for p, _ in list_image_folder(f)}
+    return sum(_digest(p) in seen for p, _ in test)
+
+
+MARKER = ".infantino-demo"
+
+
+def fresh_out(out: Path) -> Path:
+    """Wipe and recreate the output folder, but only one this demo made (or an empty one), so
+    that ``--out .`` or a typo never deletes someone's files."""
+    import shutil
+
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
+        if any(out.iterdir()) and not (out / MARKER).exists() and not (out / "summary.json").exists():
+            raise ValueError(f"--out {out} holds files infantino-demo did not write; pass a new or empty folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("written by infantino-demo; recreated on every run\n")
+    return out

@@ -7,6 +7,7 @@ MLflow), HTTP sync. Only the caregiver is simulated: the photo's folder is the l
 """
 from __future__ import annotations
 
+import atexit
 import shutil
 import sys
 from dataclasses import dataclass, field, replace
@@ -111,6 +112,7 @@ def run_fleet(plan: FleetPlan, work: Path, on_round: Callable[[RoundRecord], Non
     test = TestSet(plan.test)
     rng = np.random.default_rng(plan.seed)
     config = replace(DEVICE_CONFIG, share_crops=plan.share_crops, seed=plan.seed)
+    atexit.register(server.close)  # the finally below covers errors and Ctrl-C; this, an exit from elsewhere
     try:
         server.process.start()
         names = [f"camera-{i + 1}" for i in range(len(plan.shards))]
@@ -146,7 +148,9 @@ def run_fleet(plan: FleetPlan, work: Path, on_round: Callable[[RoundRecord], Non
             server.aggregate()
             gate = None
             if plan.refresh_package is not None and plan.refresh_after == r:
-                gate = publish_refresh(server, plan.refresh_package)
+                before = _record(r, spent, devices, server, test)
+                gate = {**publish_refresh(server, plan.refresh_package), "held_out_before": before.global_accuracy,
+                        "device_accuracy_before": before.device_accuracy}
             for i, device in enumerate(devices):  # pull the new global head (and package, if one was published)
                 report, devices[i] = sync_device(device, server.url, server.token(names[i]))
                 _check(report, names[i])
@@ -156,6 +160,7 @@ def run_fleet(plan: FleetPlan, work: Path, on_round: Callable[[RoundRecord], Non
             print("warning: MLflow did not get every round before the server stopped", file=sys.stderr)
         return records
     finally:
+        atexit.unregister(server.close)
         server.close()
 
 

@@ -32,6 +32,11 @@ def write_summary(out: Path, arms: dict[str, list[RoundRecord]], settings: dict)
     final = {arm: recs[-1].global_accuracy for arm, recs in arms.items()}
     summary["final_global_accuracy"] = final
     summary["initial_global_accuracy"] = {arm: recs[0].global_accuracy for arm, recs in arms.items()}
+    summary["classes"] = list(CLASSES)
+    summary["final_confusion"] = {arm: recs[-1].global_confusion for arm, recs in arms.items()}  # rows: true class
+    summary["refresh"] = {arm: {"after_round": r.round, "promoted": r.refreshed, "held_out_before": r.gate["held_out_before"],
+                                "held_out_after": r.global_accuracy}
+                          for arm, recs in arms.items() for r in recs if r.gate is not None}
     path = out / "summary.json"
     atomic_write_text(path, json.dumps(summary, indent=1, default=str))
     return path

@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import psutil
 import pytest
 
+from conftest import REPO, require_data
 from edge_helpers import write_image_folder
 from edge_runtime.preprocess import CLASSES
 from fleet_demo.cli import main
@@ -27,12 +33,13 @@ def test_pick_takes_the_most_uncertain_first_or_a_seeded_random_set():
         pick(u, 1, "loudest", np.random.default_rng(0))
 
 
-def test_quick_demo_runs_rounds_logs_to_mlflow_publishes_a_refresh_and_cleans_up(tmp_path, tiny_package_dir):
+def test_quick_demo_runs_rounds_logs_to_mlflow_publishes_a_refresh_and_cleans_up(tmp_path, tiny_package_dir, monkeypatch):
     images = write_image_folder(tmp_path / "photos", per_class=8, seed=3, classes=CLASSES)
     model = shutil.copytree(tiny_package_dir, tmp_path / "model")
     better = build_tiny_package(tmp_path / "better", version="tiny-better", head_epochs=300)
     out = tmp_path / "out"
-    rc = main(["--quick", "--images", str(images), "--model-dir", str(model), "--out", str(out),
+    monkeypatch.chdir(tmp_path)  # a relative --out, as in the README's plain `infantino-demo`
+    rc = main(["--quick", "--images", str(images), "--model-dir", str(model), "--out", "out",
                "--refresh-package", str(better), "--refresh-after", "1", "--share-crops"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -43,7 +50,14 @@ def test_quick_demo_runs_rounds_logs_to_mlflow_publishes_a_refresh_and_cleans_up
     assert recs[1]["refreshed"] and recs[1]["gate"]["gate"]["passed"] and recs[2]["package_version"] == "tiny-better"
     assert recs[2]["global_accuracy"] > recs[0]["global_accuracy"]  # the refreshed package is better on the held-out photos
     assert (out / "accuracy_over_rounds.png").stat().st_size > 0 and (out / "confusion.png").stat().st_size > 0
+    assert summary["refresh"]["uncertainty"]["promoted"] and summary["refresh"]["uncertainty"]["after_round"] == 1
+    assert summary["refresh"]["uncertainty"]["held_out_after"] == recs[1]["global_accuracy"]
+    confusion = np.array(summary["final_confusion"]["uncertainty"])
+    assert confusion.shape == (len(CLASSES), len(CLASSES)) and confusion.sum() == summary["settings"]["n_test"]
     assert not psutil.Process().children(recursive=True)  # the server and its workers are gone
+    (log,) = (out / "uncertainty" / "server").glob("server-*.log")
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", int(log.stem.split("-")[1])), timeout=2):
+        pass  # and nothing listens on its port any more
     store = st.Store(st.sqlite_url(out / "uncertainty" / "server" / "server.db"))
     assert sum(c["n"] for c in counts(store)) == 12  # the cameras opted in: every labelled crop reached the server
     store.dispose()
@@ -61,3 +75,58 @@ def test_missing_images_is_one_clear_line(tmp_path, capsys):
     assert main(["--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("infantino-demo: error: no image folder") and "\n" not in err
+
+
+def test_a_killed_demo_stops_its_server_and_workers(tmp_path, tiny_package_dir):
+    images = write_image_folder(tmp_path / "photos", per_class=8, seed=4, classes=CLASSES)
+    demo = subprocess.Popen([sys.executable, "-m", "fleet_demo.cli", "--quick", "--no-mlflow", "--images", str(images),
+                             "--model-dir", str(tiny_package_dir), "--out", str(tmp_path / "o")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(server := psutil.Process(demo.pid).children(recursive=True)) < 3:  # gunicorn master + 2 workers
+            assert demo.poll() is None and time.monotonic() < deadline, "the demo never started its server"
+            time.sleep(0.1)
+        demo.send_signal(signal.SIGTERM)
+        _, err = demo.communicate(timeout=60)
+    finally:
+        demo.kill()
+    assert demo.returncode == 130 and "the server was stopped" in err
+    gone, alive = psutil.wait_procs(server, timeout=10)
+    assert not alive
+
+
+def test_out_is_recreated_but_a_foreign_folder_is_never_wiped(tmp_path, tiny_package_dir, capsys):
+    images = write_image_folder(tmp_path / "photos", per_class=4, seed=1, classes=CLASSES)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep me")
+    assert main(["--quick", "--images", str(images), "--out", str(mine), "--model-dir", str(tiny_package_dir)]) == 2
+    assert (mine / "thesis.tex").read_text() == "keep me"
+    assert "infantino-demo did not write" in capsys.readouterr().err
+    assert main(["--quick", "--images", str(images), "--out", str(mine), "--model-dir", str(tmp_path / "no-model")]) == 2
+    assert "no-model" in capsys.readouterr().err and (mine / "thesis.tex").exists()  # a bad package is caught first
+
+
+def test_a_refresh_package_trained_on_held_out_photos_is_refused(tmp_path, tiny_package_dir, capsys):
+    images = write_image_folder(tmp_path / "photos", per_class=4, seed=2, classes=CLASSES)
+    leaky = shutil.copytree(tiny_package_dir, tmp_path / "leaky")
+    manifest = json.loads((leaky / "manifest.json").read_text())
+    manifest["trained_on"] = {"images": [str(images)]}  # trained on every photo, held-out ones included
+    (leaky / "manifest.json").write_text(json.dumps(manifest))
+    rc = main(["--quick", "--images", str(images), "--model-dir", str(tiny_package_dir), "--out", str(tmp_path / "o"),
+               "--refresh-package", str(leaky), "--refresh-after", "1"])
+    assert rc == 2 and "was trained on" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_real_demo_global_head_does_not_get_worse(tmp_path):
+    """The release package on the infant photos, uncertainty-first labelling, default fleet."""
+    images = require_data("infant")
+    out = tmp_path / "demo"
+    assert main(["--images", str(images), "--model-dir", str(REPO / "data" / "models"), "--out", str(out),
+                 "--strategies", "uncertainty"]) == 0
+    recs = json.loads((out / "summary.json").read_text())["arms"]["uncertainty"]
+    assert len(recs) == 6 and recs[-1]["labels_spent"] == 4 * 5 * 8
+    assert recs[-1]["global_accuracy"] >= recs[0]["global_accuracy"]
