@@ -23,7 +23,7 @@ def _onnx(args: argparse.Namespace) -> int:
     from .package_builder import BuildOptions, build_package
 
     build_package(BuildOptions(checkpoint=args.checkpoint, out=args.out, fer=args.fer, threads=args.threads,
-                               force=args.force, report_dir=args.report_dir))
+                               force=args.force, report_dir=args.report_dir, adabn=args.adabn))
     return 0
 
 
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--threads", type=int, default=2)
     o.add_argument("--force", action="store_true", help="replace a package that scores better")
     o.add_argument("--report-dir", help="also write a confusion matrix and metrics JSON here")
+    o.add_argument("--adabn", metavar="DIR", help="re-estimate batch-norm statistics on these target-domain images "
+                                                 "(ImageFolder, labels ignored) before export; measured to hurt on "
+                                                 "infants here (bench/domain_adaptation.py), so off by default")
     o.set_defaults(func=_onnx)
 
     p = sub.add_parser("publish", help="send a package to the sync server; promoted only if it passes the gate")

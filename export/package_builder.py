@@ -44,6 +44,7 @@ class BuildOptions:
     threads: int = 2
     force: bool = False
     report_dir: str | None = None
+    adabn: str | None = None  # ImageFolder of unlabelled target-domain photos or crops: re-estimate BN statistics first
 
 
 def write_replay_seed(path: Path, emb: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> None:
@@ -70,6 +71,14 @@ def build_package(opts: BuildOptions, log=print) -> dict:
     keep, held = stratified_split(fer.labels, tcfg["val_fraction"], tcfg["seed"])
     train, val = fer.subset(keep), fer.subset(held)
     x_val = normalize(val.pixels, spec)
+    adapted = None
+    if opts.adabn:
+        from .adapt import adabn
+        from .data import load_image_folder
+
+        target = load_image_folder(opts.adabn, spec).pixels  # labels, if any, are ignored
+        adapted = {"images": str(opts.adabn), "n": int(len(target)), "bn_layers": adabn(net, target)}
+        log(f"AdaBN: batch-norm statistics of {adapted['bn_layers']} layers re-estimated on {len(target)} target images")
 
     out = Path(opts.out)
     scratch = out.with_name(out.name + ".building")
@@ -126,6 +135,7 @@ def build_package(opts: BuildOptions, log=print) -> dict:
         trained_on={
             "fer2013": Path(opts.fer).name, "images": tcfg.get("images", []), "n_train": len(train),
             "epochs": state["epoch"], "seed": tcfg["seed"], "imagenet_init": tcfg.get("imagenet_init", False),
+            **({"adabn": adapted} if adapted else {}),
         },
         model={**model_cfg, "head": HeadParams().to_dict(), "classifier_outputs": ["label", PROBABILITIES]},
     )

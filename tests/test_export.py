@@ -77,6 +77,25 @@ def test_export_writes_a_verified_package(tiny_run, tmp_path):
         open_package(out)
 
 
+def test_export_with_adabn_moves_only_batch_norm_statistics(tiny_run, tmp_path):
+    from edge_helpers import write_image_folder
+    from edge_runtime.preprocess import CLASSES
+
+    fer = require_data("fer2013", "fer2013_train.npz")
+    target = write_image_folder(tmp_path / "target", per_class=3, seed=4, classes=CLASSES)
+    plain, adapted = tmp_path / "plain", tmp_path / "adapted"
+    common = ["--checkpoint", str(tiny_run / "checkpoint.pt"), "--fer", str(fer), "--threads", "1"]
+    assert export_main(["onnx", *common, "--out", str(plain)]) == 0
+    assert export_main(["onnx", *common, "--out", str(adapted), "--adabn", str(target)]) == 0
+    info = open_package(adapted).manifest.trained_on["adabn"]
+    assert info["n"] == 21 and info["bn_layers"] > 10 and "adabn" not in open_package(plain).manifest.trained_on
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).normal(size=(4, 1, 64, 64)).astype(np.float32)
+    run = lambda d: ort.InferenceSession(str(d / "extractor.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]  # noqa: E731
+    assert not np.allclose(run(plain), run(adapted), atol=1e-3)  # the statistics moved the embedding
+
+
 def test_lite0_imagenet_weights_load_into_timm():
     net = build_model(ModelConfig(arch="efficientnet_lite0"), imagenet_init=False)
     before = net.backbone.conv_stem.weight.detach().clone()
