@@ -37,7 +37,12 @@ class EmbeddedSet:
 
 def embed_folder(device: Device, folder: str | Path, detect: bool = True, batch: int = 64) -> EmbeddedSet:
     """Embed every readable image of an ImageFolder tree; unreadable ones are listed, not fatal."""
-    items = list_image_folder(folder)
+    return embed_items(device, list_image_folder(folder), str(folder), detect, batch)
+
+
+def embed_items(device: Device, items: list[tuple[Path, int]], name: str = "", detect: bool = True,
+                batch: int = 64) -> EmbeddedSet:
+    """Embed labelled (path, class index) pairs, extractor in batches; unreadable ones are listed, not fatal."""
     tensors, labels, faces, skipped = [], [], [], []
     for path, label in items:
         try:
@@ -50,7 +55,7 @@ def embed_folder(device: Device, folder: str | Path, detect: bool = True, batch:
         faces.append(prep.face_found)
     emb = [device.extractor(np.concatenate(tensors[i : i + batch])) for i in range(0, len(tensors), batch)]
     dim = device.dim
-    return EmbeddedSet(str(folder), np.concatenate(emb) if emb else np.zeros((0, dim), np.float32),
+    return EmbeddedSet(name, np.concatenate(emb) if emb else np.zeros((0, dim), np.float32),
                        np.asarray(labels, np.int64), np.asarray(faces, bool), skipped, detect)
 
 

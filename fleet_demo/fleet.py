@@ -8,6 +8,7 @@ MLflow), HTTP sync. Only the caregiver is simulated: the photo's folder is the l
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field, replace
@@ -17,6 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from edge_runtime.device import Device, DeviceConfig
+from edge_runtime.evaluate import embed_items
 from edge_runtime.head import OnlineHead
 from edge_runtime.metrics import summarize
 from edge_runtime.preprocess import ImageError
@@ -68,14 +70,8 @@ class TestSet:
     def embedded(self, device: Device) -> tuple[np.ndarray, np.ndarray]:
         key = device.package.version
         if key not in self._cache:
-            xs, ys = [], []
-            for path, label in self.items:
-                try:
-                    xs.append(device.embed(path))
-                    ys.append(label)
-                except ImageError:
-                    continue
-            self._cache[key] = (np.stack(xs), np.asarray(ys, np.int64))
+            data = embed_items(device, self.items, "held-out")
+            self._cache[key] = (data.embeddings, data.labels)
         return self._cache[key]
 
     def score(self, head: OnlineHead, device: Device) -> dict:
@@ -106,7 +102,7 @@ def run_fleet(plan: FleetPlan, work: Path, on_round: Callable[[RoundRecord], Non
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    env = {"INFANTINO_GATE_DIRS": ":".join(plan.gate_dirs)} if plan.gate_dirs else None
+    env = {"INFANTINO_GATE_DIRS": os.pathsep.join(plan.gate_dirs)} if plan.gate_dirs else None
     server = LocalServer(work, plan.package, env=env,
                          mlflow_uri=f"sqlite:///{work / 'server' / 'mlflow.db'}" if mlflow else "off")
     test = TestSet(plan.test)
