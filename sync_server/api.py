@@ -295,8 +295,7 @@ def admin_publish():
     if s.tracker is not None:
         s.tracker.kick()
     if not result["promoted"]:
-        return jsonify(error=f"gate refused package {result['package_version']}: {result['gate']['reason']}",
-                       status=409, **result), 409
+        return jsonify(error=publish.refusal(result), status=409, **result), 409
     return jsonify(result), 200
 
 

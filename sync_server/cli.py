@@ -163,7 +163,7 @@ def cmd_admin_token(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from .models import PromoteError, promote_package, serve_aliases, serve_head
-    from .publish import PublishError, gate_dirs, publish
+    from .publish import PublishError, gate_dirs, publish, refusal
 
     state = _state(args)
     try:
@@ -184,8 +184,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
             _flush(state, quiet=args.no_tracking)
             print(json.dumps(result))
             if not result["promoted"]:
-                print(f"error: gate refused package {result['package_version']}: {result['gate']['reason']}; "
-                      "production unchanged", file=sys.stderr)
+                print(f"error: {refusal(result)}; production unchanged", file=sys.stderr)
             return 0 if result["promoted"] else 1
         elif args.package_dir:
             result = promote_package(state.store, state.data_dir, Path(args.package_dir))

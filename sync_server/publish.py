@@ -113,6 +113,11 @@ def publish(store: st.Store, data_dir: Path, package_dir: Path, gates: list[str]
     return out
 
 
+def refusal(result: dict) -> str:
+    """The one-line answer to a package the gate kept out (HTTP 409 and ``promote``)."""
+    return f"gate refused package {result['package_version']}: {result['gate']['reason']}"
+
+
 def _record(store: st.Store, result: GateResult, decision: str) -> None:
     """Keep the decision and queue it for MLflow (logged by the tracker, like packages and heads)."""
     now = time.time()
