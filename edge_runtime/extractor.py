@@ -43,12 +43,14 @@ def cpu_session(path: str | os.PathLike, threads: int = DEFAULT_THREADS, spin: b
 class Extractor:
     """Face tensors (N, C, H, W) float32 -> embeddings (N, D) float32."""
 
-    def __init__(self, model_path: str | os.PathLike | None = None, *, threads: int = DEFAULT_THREADS, session: Any = None):
+    def __init__(self, model_path: str | os.PathLike | None = None, *, threads: int = DEFAULT_THREADS, session: Any = None,
+                 flip_average: bool = False):
         if session is None:
             if model_path is None:
                 raise ExtractorError("give a model path or a session")
             session = cpu_session(model_path, threads)
         self.session = session
+        self.flip_average = flip_average  # test-time mirror: mean embedding of each face and its mirror image
         inputs, outputs = session.get_inputs(), session.get_outputs()
         if len(inputs) != 1 or not outputs:
             raise ExtractorError(f"extractor must have one input and an output, has {len(inputs)} and {len(outputs)}")
@@ -75,7 +77,13 @@ class Extractor:
         x = self._check(x)
         if len(x) == 0:
             return np.zeros((0, self.dim or 0), np.float32)
+        if self.flip_average:  # one batched call over the faces and their mirrors
+            both = self._run(np.concatenate([x, np.ascontiguousarray(x[..., ::-1])]))
+            return (both[: len(x)] + both[len(x):]) * np.float32(0.5)
+        return self._run(x)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
         if self.fixed_batch == 1 and len(x) > 1:
-            return np.concatenate([self(x[i : i + 1]) for i in range(len(x))])
+            return np.concatenate([self._run(x[i : i + 1]) for i in range(len(x))])
         out = self.session.run([self.output_name], {self.input_name: x})[0]
         return np.asarray(out, dtype=np.float32).reshape(len(x), -1)

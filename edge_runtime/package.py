@@ -27,6 +27,7 @@ ROLES = {
     "head": "head.npz",
     "classifier": "classifier.onnx",
     "replay_seed": "replay_seed.npz",  # adult FER embeddings (x, y) the device replays against forgetting
+    "detector": "detector.onnx",  # BlazeFace face detector (when the manifest's input names one)
 }
 
 
@@ -52,6 +53,7 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     trained_on: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
+    detector: dict[str, Any] = field(default_factory=dict)  # variant, anchor settings, origin, licence
     created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     format: str = FORMAT
 
@@ -73,6 +75,7 @@ class Manifest:
             "metrics": self.metrics,
             "trained_on": self.trained_on,
             "model": self.model,
+            **({"detector": self.detector} if self.detector else {}),
             "created_at": self.created_at,
         }
 
@@ -85,7 +88,7 @@ class Manifest:
                 version=str(d["version"]), preprocess=PreprocessSpec.from_dict(d["input"]),
                 embedding_dim=int(d["embedding_dim"]), files=dict(d["files"]), classes=tuple(d["classes"]),
                 metrics=dict(d.get("metrics", {})), trained_on=dict(d.get("trained_on", {})),
-                model=dict(d.get("model", {})), created_at=str(d.get("created_at", "")), format=d["format"],
+                model=dict(d.get("model", {})), detector=dict(d.get("detector", {})), created_at=str(d.get("created_at", "")), format=d["format"],
             )
         except PackageError:
             raise

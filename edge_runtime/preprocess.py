@@ -11,7 +11,7 @@ import io
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -22,6 +22,9 @@ CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surpris
 MAX_PIXELS = 50_000_000
 MAX_BYTES = 64 * 1024 * 1024
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+if TYPE_CHECKING:
+    from .facefinder import FaceFinder
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -43,9 +46,13 @@ class PreprocessSpec:
     resize: str = "pillow-bilinear"
     color: str = "grayscale-ITU-R-601-2 (Pillow 'L'); alpha composited on white"
     face_margin: float = 0.25
-    face_detector: str = "opencv-haar-frontalface-default"
-    detect_max_side: int = 320
-    fallback: str = "centre-square"
+    face_detector: str = "opencv-haar-frontalface-default"  # or "blazeface-short_range" / "blazeface-full_range"
+    detect_max_side: int = 320  # Haar runs on a copy this size (BlazeFace has its own input size)
+    detect_coarse_side: int = 0  # Haar looks at a copy this size first (0: one pass at detect_max_side)
+    fallback: str = "centre-square"  # "opencv-haar,centre-square": Haar when BlazeFace finds nothing
+    detector_score: float = 0.5  # BlazeFace score threshold
+    align_eyes: bool = False  # rotate so the eyes are level before the square crop (BlazeFace keypoints)
+    flip_average: bool = False  # embed the crop and its mirror in one call and average the embeddings
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -71,6 +78,8 @@ class FaceCrop:
     pixels: np.ndarray  # uint8, (H, W)
     face_found: bool
     box: tuple[int, int, int, int] = field(default=(0, 0, 0, 0))  # x, y, w, h in the frame
+    angle: float = 0.0  # degrees the crop was turned to level the eyes
+    score: float | None = None  # detector confidence, when the detector gives one
 
 
 # --------------------------------------------------------------------------- decoding
@@ -278,9 +287,15 @@ class Prepared:
     box: tuple[int, int, int, int]
 
 
-def prepare(source: ImageSource, spec: PreprocessSpec = DEFAULT_SPEC, detect: bool = True) -> Prepared:
-    """Decode, crop and normalise one image: the whole device input path."""
-    gray = decode_gray(source)
-    face = crop_face(gray, spec, detect=detect)
+def prepare(source: ImageSource, spec: PreprocessSpec = DEFAULT_SPEC, detect: bool = True, finder: "FaceFinder | None" = None) -> Prepared:
+    """Decode, crop and normalise one image: the whole device input path.
+
+    ``finder`` is the package's face finder (``FaceFinder.for_package``); without one the
+    spec's detector must be Haar, which needs no model file.
+    """
+    from .facefinder import FaceFinder
+
+    finder = finder if finder is not None else FaceFinder.haar(spec)
+    face = finder.crop(source, detect=detect)
     small = resize_face(face.pixels, spec)
     return Prepared(normalize(small, spec)[None], small, face.face_found, face.box)
