@@ -7,9 +7,11 @@ that spec plus the detector file into the crop the extractor is trained and run 
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,33 @@ from .preprocess import (FaceCrop, ImageSource, PreprocessSpec, centre_square, d
 
 HAAR = "opencv-haar-frontalface-default"
 BLAZEFACE_PREFIX = "blazeface-"
+
+
+DETECTOR_FILE = "detector.onnx"
+DETECTOR_INFO = "detector.json"  # variant, anchor settings, origin and licence, next to the .onnx
+
+
+def detector_file(folder: str | os.PathLike) -> Path:
+    """The converted detector in a folder written by ``infantino-export detector``."""
+    path = Path(folder) / DETECTOR_FILE
+    if not path.is_file():
+        raise ValueError(f"no {DETECTOR_FILE} in {folder}: convert one with `infantino-export detector`")
+    return path
+
+
+def detector_info(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / DETECTOR_INFO
+    if not path.is_file():
+        raise ValueError(f"no {DETECTOR_INFO} in {folder}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def detector_spec(folder: str | os.PathLike, base: PreprocessSpec | None = None) -> PreprocessSpec:
+    """``base`` (default: the device defaults) with the folder's detector and its chosen crop settings."""
+    info = detector_info(folder)
+    spec = base or PreprocessSpec()
+    return PreprocessSpec.from_dict({**spec.to_dict(), "face_detector": BLAZEFACE_PREFIX + info["variant"],
+                                     **info.get("preprocess", {})})
 
 
 def uses_blazeface(spec: PreprocessSpec) -> bool:
@@ -60,6 +89,9 @@ class FaceFinder:
             return cls(spec)
         if detector is None:
             raise ValueError(f"the spec's detector {spec.face_detector!r} needs a detector .onnx file")
+        info = Path(detector).with_name(DETECTOR_INFO)
+        if settings is None and info.is_file():
+            settings = json.loads(info.read_text(encoding="utf-8")).get("settings")
         return cls(spec, BlazeFace(detector, blazeface_settings(spec, settings), threads=threads))
 
     @classmethod

