@@ -104,7 +104,7 @@ def device_process(model_dir: str, n: int, frame_path: str, threads: int = 1) ->
     import cv2
 
     from edge_runtime.extractor import Extractor
-    from edge_runtime.preprocess import crop_face, decode_gray, detect_faces, face_tensor
+    from edge_runtime.preprocess import decode_gray, decode_rgb, detect_faces, face_tensor, rgb_to_gray
 
     cv2.setNumThreads(threads)
     rss_imports = _rss_mb()
@@ -148,16 +148,21 @@ def device_process(model_dir: str, n: int, frame_path: str, threads: int = 1) ->
                          "peak_device": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
         out["sklearn_imported"] = "sklearn" in sys.modules or "scipy" in sys.modules
         # the stages one by one, as the device runs them on this frame
-        gray = decode_gray(data)
-        coarse = replace(device.spec, detect_max_side=device.config.detect_coarse_side or device.spec.detect_max_side)
-        face = crop_face(gray, coarse)
+        finder = device.finder
+        bf = finder.blazeface is not None
+        rgb = decode_rgb(data)
+        gray = rgb_to_gray(rgb)
+        face = finder.crop_arrays(rgb if bf else None, gray)
         out["frame"]["face_found"] = face.face_found
-        out["decode_jpeg_ms"] = timeit(lambda: decode_gray(data), n)
-        out["face_crop_ms"] = timeit(lambda: crop_face(gray, coarse), n)  # Haar on the 160 px copy + square crop
+        out["face_detector"] = device.spec.face_detector
+        out["decode_jpeg_ms"] = timeit(lambda: decode_rgb(data) if bf else decode_gray(data), n)
+        out["face_crop_ms"] = timeit(lambda: finder.crop_arrays(rgb if bf else None, gray), n)  # detector + square crop
         out["preprocess_ms"] = timeit(lambda: face_tensor(face.pixels, device.spec), n)  # resize to 64x64 + normalise
         out["prepare_ms"] = timeit(lambda: device.prepare(data), n)  # the three above, through the device
+        if bf:
+            out["blazeface_detect_ms"] = timeit(lambda: finder.blazeface.detect(rgb), n)
         out["haar_detect_ms"] = timeit(lambda: detect_faces(gray), n)
-        out["haar_coarse_ms"] = timeit(lambda: detect_faces(gray, max_side=coarse.detect_max_side), n)
+        out["haar_coarse_ms"] = timeit(lambda: detect_faces(gray, max_side=160), n)
         out["haar_full_frame_ms"] = timeit(lambda: detect_faces(gray, max_side=10_000), max(10, n // 10))
         tensor = face_tensor(face.pixels, device.spec)
         from edge_runtime.uncertainty import Uncertainty
@@ -169,6 +174,7 @@ def device_process(model_dir: str, n: int, frame_path: str, threads: int = 1) ->
             if device.package.has(role):
                 ex = Extractor(device.package.path(role), threads=threads)
                 out[f"{role}_ms_per_face"] = timeit(lambda: ex(tensor), n)
+        out["device_extractor_ms_per_face"] = timeit(lambda: device.extractor(tensor), n)  # with its mirror when flip-averaged
     return out
 
 
@@ -190,10 +196,12 @@ def sklearn_comparison(model_dir: str, n: int) -> dict:
 
 
 STEPS = [  # (table row, JSON key), in the order a frame meets them
-    ("decode 640x480 JPEG", "decode_jpeg_ms"), ("face crop (Haar on 160 px + crop)", "face_crop_ms"),
+    ("decode 640x480 JPEG", "decode_jpeg_ms"), ("face crop (the package's detector + crop)", "face_crop_ms"),
+    ("  BlazeFace alone", "blazeface_detect_ms"),
     ("preprocess (resize 64x64 + normalise)", "preprocess_ms"), ("  all three, through the device", "prepare_ms"),
     ("  Haar on a 320 px copy (fallback)", "haar_detect_ms"), ("  Haar on the full frame", "haar_full_frame_ms"),
     ("extractor int8 (ORT), one face", "extractor_int8_ms_per_face"), ("extractor fp32 (ORT), one face", "extractor_ms_per_face"),
+    ("the device's extractor call (with the mirror when flip-averaged)", "device_extractor_ms_per_face"),
     ("head predict", "head_predict_ms"), ("head + uncertainty", "head_and_uncertainty_ms"),
     ("whole predict, 640x480 JPEG", "predict_jpeg_ms"), ("whole predict, camera array", "predict_camera_array_ms"),
     ("whole predict, JPEG without a face", "predict_jpeg_no_face_ms"), ("whole predict, batch of 8, per frame", "predict_batch8_ms_per_frame"),

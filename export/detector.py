@@ -165,3 +165,24 @@ def _version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+def attach_detector(package_dir: str | os.PathLike, detector_dir: str | os.PathLike, **spec_changes) -> str:
+    """Give an existing package this detector (and crop settings) in place; returns its new version.
+
+    The package's crops change, so its version does too (``-bf`` appended once)."""
+    from dataclasses import replace
+
+    from edge_runtime.facefinder import detector_spec
+    from edge_runtime.package import describe_files, open_package, write_manifest
+
+    folder = Path(package_dir)
+    manifest = open_package(folder).manifest
+    entry = copy_into_package(detector_dir, folder)
+    manifest.preprocess = replace(detector_spec(detector_dir, manifest.preprocess), **spec_changes)
+    manifest.detector = entry
+    manifest.files = describe_files(folder)
+    if not manifest.version.endswith("-bf"):
+        manifest.version += "-bf"
+    write_manifest(folder, manifest)
+    return manifest.version

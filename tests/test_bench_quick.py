@@ -84,3 +84,19 @@ def test_continual_bench_quick(tmp_path):
     assert all(row == frozen[0] for row in frozen) and res["summary"]["frozen"]["bwt"] == 0  # a frozen head never changes
     assert res["matrices"]["plain"][0] != frozen  # learning moved the head
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_infant_cv_quick_scores_every_pipeline_and_the_peer_on_the_same_folds(tmp_path):
+    require_data("infant")
+    out = tmp_path / "cv"
+    run_bench("infant_cv.py", "--quick", "--out", str(out), "--work", str(tmp_path / "work"), timeout=900)
+    res = json.loads((out / "summary.json").read_text())
+    rows = res["pipelines"]
+    assert res["protocol"]["folds"] == 3 and res["protocol"]["n_photos"] == 28
+    assert any(n.startswith("peer: fer") for n in rows) and any("fine-tuned extractor" in n for n in rows)
+    assert any(n.startswith("haar |") for n in rows)
+    for r in rows.values():
+        assert len(r["folds"]) == 3 and {f["fold"] for f in r["folds"]} == {0, 1, 2}
+        assert 0 <= r["accuracy"]["mean"] <= 1 and 0 <= r["valence"]["mean"] <= 1
+    assert res["face_found"]["haar"] < res["face_found"]["bf_short_m25"]
+    assert (out / "infant_cv.png").stat().st_size > 0
