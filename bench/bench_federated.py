@@ -34,7 +34,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-DATA = REPO.parent / "shared" / "data" / "infant"
 
 
 def find_package(arg: str | None) -> Path:
@@ -48,12 +47,13 @@ def find_package(arg: str | None) -> Path:
 def load_faces(package: Path, seeds: list[int], devices: int) -> dict:
     """Per seed: crops (uint8, package size) and labels of a held-out part and one share per device.
     Every photo is cropped once; the splits keep duplicate files on one side."""
+    from edge_runtime.datasets import infant_folder
     from edge_runtime.imagefolder import list_image_folder, split_items
     from edge_runtime.package import open_package
     from edge_runtime.preprocess import ImageError, prepare
 
     spec = open_package(package).manifest.preprocess
-    items = list_image_folder(DATA)
+    items = list_image_folder(infant_folder())
     crops: dict[Path, np.ndarray] = {}
     for path, _ in items:
         if path not in crops:
@@ -265,7 +265,12 @@ def main(argv=None) -> int:
     package = find_package(args.package)
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
-    faces = load_faces(package, seeds, args.devices)
+    from edge_runtime.datasets import DataMissing
+
+    try:
+        faces = load_faces(package, seeds, args.devices)
+    except DataMissing as exc:
+        sys.exit(f"bench_federated: {exc}")
     print(f"cropped {sum(len(v[1]) for v in faces[seeds[0]].values())} photos per split in {time.perf_counter() - t0:.0f} s")
     from edge_runtime.package import open_package
 

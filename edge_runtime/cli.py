@@ -3,7 +3,7 @@
 Each subcommand is one ``add_<name>(subparsers)`` function that builds its parser and
 sets ``func``; ``SUBCOMMANDS`` lists them. A new subcommand (``sync``, ``annotate``) is a
 new function plus one entry in that list. Any error ends with a one-line message on
-stderr and exit code 1 (2 for a malformed command line).
+stderr and exit code 1 (2 for a malformed command line); ``-v`` adds the traceback.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
+from .clitools import OneLineParser, add_verbose, run_command
 from .device import Device, DeviceConfig, default_model_dir, default_state_dir
 
 PROG = "infantino-edge"
@@ -276,38 +277,21 @@ def run_annotate(args: argparse.Namespace) -> int:
 SUBCOMMANDS: list[Callable] = [add_predict, add_learn, add_queue, add_evaluate, add_sync, add_consent, add_annotate]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="InfantinO Edge device runtime: predict, learn, queue, evaluate.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log warnings and progress")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog=PROG, description="InfantinO Edge device runtime: predict, learn, queue, evaluate.")
+    add_verbose(parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for add in SUBCOMMANDS:
         add(sub)
+    for choice in sub.choices.values():
+        add_verbose(choice, top=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, OSError, RuntimeError) as exc:  # ImageError, PackageError, StateError, ... are ValueErrors
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # anything unforeseen (e.g. from onnxruntime): still one line, still non-zero
-        logging.getLogger(PROG).info("traceback (shown with --verbose)", exc_info=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"{PROG}: error: {exc.__class__.__name__}: {first}"[:500], file=sys.stderr)
-        return 1
+    return run_command(PROG, lambda: args.func(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

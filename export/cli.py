@@ -1,15 +1,25 @@
-"""``infantino-export``: train, export to ONNX, publish to the sync server (gated)."""
+"""``infantino-export``: train, export to ONNX, publish to the sync server (gated).
+
+FER2013 is read from ``--fer`` (default: ``$INFANTINO_DATA/fer2013/fer2013_train.npz``, else
+``../shared/data/...`` beside the repository; README "Data"). Bad input or missing data: one
+line on stderr and exit code 2; ``-v`` adds the traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from edge_runtime.clitools import OneLineParser, add_verbose, run_command
+from edge_runtime.datasets import FER, data_path, fer_file
+
+PROG = "infantino-export"
 
 
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
     cfg = TrainConfig(
-        fer=args.fer, out=args.out, images=args.images or [], arch=args.arch, imagenet_init=not args.no_imagenet,
+        fer=str(fer_file(args.fer)), out=args.out, images=args.images or [], arch=args.arch, imagenet_init=not args.no_imagenet,
         init_from=args.init_from, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         threads=args.threads, limit=args.limit, max_steps_per_epoch=args.max_steps, mlflow_uri=args.mlflow_uri,
         images_repeat=args.images_repeat,
@@ -22,7 +32,7 @@ def _train(args: argparse.Namespace) -> int:
 def _onnx(args: argparse.Namespace) -> int:
     from .package_builder import BuildOptions, build_package
 
-    build_package(BuildOptions(checkpoint=args.checkpoint, out=args.out, fer=args.fer, threads=args.threads,
+    build_package(BuildOptions(checkpoint=args.checkpoint, out=args.out, fer=str(fer_file(args.fer)), threads=args.threads,
                                force=args.force, report_dir=args.report_dir, adabn=args.adabn))
     return 0
 
@@ -46,10 +56,12 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="infantino-export", description=__doc__)
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    add_verbose(parser)
     sub = parser.add_subparsers(dest="command", required=True)
+    fer_help = f"path to fer2013_train.npz (default: {data_path(*FER)})"
     t = sub.add_parser("train", help="train (or resume) the extractor on FER2013")
-    t.add_argument("--fer", required=True, help="path to fer2013_train.npz")
+    t.add_argument("--fer", help=fer_help)
     t.add_argument("--images", action="append", help="extra ImageFolder tree(s) added to training")
     t.add_argument("--images-repeat", type=int, default=1,
                    help="repeat the --images photos N times per epoch (mixes a small target set into FER)")
@@ -70,8 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("onnx", help="export a checkpoint to a verified model package")
     o.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `train`")
     o.add_argument("--out", default="data/models", help="package folder (default: data/models)")
-    o.add_argument("--fer", default="../shared/data/fer2013/fer2013_train.npz",
-                   help="FER npz: calibration faces and the held-out split to score on")
+    o.add_argument("--fer", help=f"FER npz: calibration faces and the held-out split to score on; {fer_help}")
     o.add_argument("--threads", type=int, default=2)
     o.add_argument("--force", action="store_true", help="replace a package that scores better")
     o.add_argument("--report-dir", help="also write a confusion matrix and metrics JSON here")
@@ -86,16 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-token", help="the server's admin token (default: $INFANTINO_ADMIN_TOKEN)")
     p.add_argument("--force", action="store_true", help="promote even if the gate refuses it (recorded as forced)")
     p.set_defaults(func=_publish)
+    for choice in sub.choices.values():
+        add_verbose(choice, top=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"infantino-export: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(PROG, lambda: args.func(args), verbose=args.verbose, error_exit=2)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """``infantino-server``: run the sync server and administer it.
 
-    infantino-server run [--data-dir DIR] [--host 127.0.0.1] [--port 8080] [--workers 2]
+    infantino-server run [--data-dir DIR] [--host 127.0.0.1] [--port 8080] [--workers 2] [--no-default-package]
     infantino-server device add NAME | list | revoke NAME | purge NAME
     infantino-server crops list | export DIR [--device NAME]
     infantino-server admin-token
@@ -10,6 +10,10 @@
 
 Every subcommand takes ``--data-dir`` / ``--db-url`` / ``--mlflow-uri`` (or the
 ``INFANTINO_DATA_DIR`` / ``INFANTINO_DB_URL`` / ``INFANTINO_MLFLOW_URI`` variables).
+On a store that serves nothing yet, ``run`` first promotes the release package shipped in the
+repository's ``data/models`` (or ``--default-package`` / ``$INFANTINO_DEFAULT_PACKAGE``), so a
+fresh server answers devices with a model. Bad input: one line on stderr, exit 1; ``-v`` adds
+the traceback.
 """
 from __future__ import annotations
 
@@ -21,12 +25,19 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from edge_runtime.clitools import OneLineParser, add_verbose, run_command
+
+PROG = "infantino-server"
+DEFAULT_PACKAGE_ENV = "INFANTINO_DEFAULT_PACKAGE"
+REPO_PACKAGE = Path(__file__).resolve().parents[1] / "data" / "models"
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder for the SQLite store, MLflow and package files "
                                       "(default: $INFANTINO_DATA_DIR or ~/.local/share/infantino-server)")
     p.add_argument("--db-url", help="SQLAlchemy URL of the store, e.g. postgresql+psycopg2://user:pw@host/db")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: SQLite under the data dir; 'off' disables)")
+    add_verbose(p, top=False)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -41,8 +52,80 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _state(args: argparse.Namespace):
     from . import create_app
 
-    app = create_app({**_overrides(args), "BACKGROUND": False})
+    try:
+        app = create_app({**_overrides(args), "BACKGROUND": False})
+    except ModuleNotFoundError as exc:
+        if exc.name in ("psycopg2", "psycopg"):
+            raise RuntimeError("the PostgreSQL driver is not installed: pip install 'infantino-edge[postgres]'") from exc
+        raise
     return app.extensions["infantino"]
+
+
+def parse_strategy(text: str) -> dict:
+    """``--strategy`` JSON, checked by ``Strategy`` itself, so a typo fails here in one line
+    rather than in every gunicorn worker."""
+    from .aggregate import Strategy
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--strategy is not valid JSON ({exc.msg} at character {exc.pos}): {text[:80]}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f'--strategy must be a JSON object such as {{"rule": "median"}}, not {text[:80]}')
+    try:
+        Strategy.from_dict(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--strategy: {exc}") from None
+    return value
+
+
+def default_package(args: argparse.Namespace) -> Optional[Path]:
+    """The package a fresh store serves: ``--default-package``, ``$INFANTINO_DEFAULT_PACKAGE``
+    (``off`` for none), else the repository's ``data/models``; None when turned off."""
+    if args.no_default_package:
+        return None
+    chosen = args.default_package or os.environ.get(DEFAULT_PACKAGE_ENV) or str(REPO_PACKAGE)
+    return None if chosen.strip().lower() == "off" else Path(chosen)
+
+
+def promote_dir(state, package_dir: Path, gates: list[str], tolerance: float, force: bool) -> dict:
+    """Serve a package folder: through the gate when held-out sets are given (or ``force``),
+    else verified and promoted directly. One path for ``promote`` and a fresh ``run``."""
+    from .models import PromoteError, promote_package
+    from .publish import PublishError, publish
+
+    if gates or force:
+        try:
+            return publish(state.store, state.data_dir, package_dir, gates, tolerance, force)
+        except PublishError as exc:
+            raise PromoteError(str(exc)) from None
+    return promote_package(state.store, state.data_dir, package_dir)
+
+
+def serve_default_if_empty(state, package: Optional[Path]) -> Optional[dict]:
+    """First start: a store that serves nothing gets ``package`` promoted (and says so), so that
+    devices are answered with a model instead of 503. Never replaces what is served."""
+    from .publish import gate_dirs
+
+    if state.store.serving() is not None:
+        return None
+    if package is None:
+        print(f"{PROG}: nothing is served yet (default package off): devices get 503 until "
+              f"`infantino-server promote PACKAGE_DIR`", file=sys.stderr)
+        return None
+    if not package.is_dir():
+        print(f"{PROG}: nothing is served yet and there is no default package at {package}: devices get 503 until "
+              f"`infantino-server promote PACKAGE_DIR` (or set {DEFAULT_PACKAGE_ENV})", file=sys.stderr)
+        return None
+    result = promote_dir(state, package.resolve(), gate_dirs(state.config), float(state.config["GATE_TOLERANCE"]), False)
+    if not result.get("promoted", True):
+        print(f"{PROG}: the default package {package} was refused ({result['gate']['reason']}): nothing is served",
+              file=sys.stderr)
+        return result
+    print(f"{PROG}: first start, nothing was served: promoted the default package {result['package_version']} "
+          f"from {package.resolve()} (head version {result.get('head_version')}; --no-default-package turns this off)",
+          file=sys.stderr)
+    return result
 
 
 def _when(ts: Optional[float]) -> str:
@@ -63,12 +146,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.gate_tolerance is not None:
         env["INFANTINO_GATE_TOLERANCE"] = str(args.gate_tolerance)
     if args.strategy:
-        json.loads(args.strategy)
-        env["INFANTINO_STRATEGY"] = args.strategy
+        env["INFANTINO_STRATEGY"] = json.dumps(parse_strategy(args.strategy))
     os.environ.update(env)
     state = _state(args)  # create the tables once, before the workers race to
-    print(f"infantino-server: store {state.db_url.split('@')[-1]}, MLflow {state.mlflow_uri or 'off'}, "
+    print(f"{PROG}: store {state.db_url.split('@')[-1]}, MLflow {state.mlflow_uri or 'off'}, "
           f"data {state.data_dir}", file=sys.stderr)
+    serve_default_if_empty(state, default_package(args))
     state.store.dispose()
     if args.dev or not _has_gunicorn():
         from werkzeug.serving import run_simple
@@ -121,7 +204,7 @@ def cmd_device(args: argparse.Namespace) -> int:
                     status = "revoked" if c["revoked_at"] else "active"
                     print(f"{c['name']:24} {_when(c['created_at']):21} {_when(c['last_update']):21} {status}")
     except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -143,12 +226,12 @@ def cmd_crops(args: argparse.Namespace) -> int:
         return 0
     serving = state.store.serving()
     if serving is None:
-        print("error: nothing is served yet, so the class names are unknown", file=sys.stderr)
+        print(f"{PROG}: error: nothing is served yet, so the class names are unknown", file=sys.stderr)
         return 1
     try:
         n = crops.export_folder(state.store, Path(args.out), list(serving.manifest["classes"]), args.device)
     except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {n} crop(s) to {args.out} (ImageFolder; train with infantino-export train --images {args.out})")
     return 0
@@ -162,14 +245,14 @@ def cmd_admin_token(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from .models import PromoteError, promote_package, serve_aliases, serve_head
-    from .publish import PublishError, gate_dirs, publish, refusal
+    from .models import PromoteError, serve_aliases, serve_head
+    from .publish import gate_dirs, refusal
 
     state = _state(args)
     try:
         if args.from_mlflow_alias:
             if state.tracker is None:
-                print("error: MLflow tracking is off", file=sys.stderr)
+                print(f"{PROG}: error: MLflow tracking is off", file=sys.stderr)
                 return 1
             result = serve_aliases(state.store, *state.tracker.alias_targets())
         elif args.head_version is not None:
@@ -177,22 +260,19 @@ def cmd_promote(args: argparse.Namespace) -> int:
         elif args.package_dir and (args.gate_dir or gate_dirs(state.config) or args.force):
             gates = [str(Path(d).resolve()) for d in args.gate_dir] if args.gate_dir else gate_dirs(state.config)
             tolerance = args.tolerance if args.tolerance is not None else float(state.config["GATE_TOLERANCE"])
-            try:
-                result = publish(state.store, state.data_dir, Path(args.package_dir), gates, tolerance, args.force)
-            except PublishError as exc:
-                raise PromoteError(str(exc)) from None
+            result = promote_dir(state, Path(args.package_dir), gates, tolerance, args.force)
             _flush(state, quiet=args.no_tracking)
             print(json.dumps(result))
             if not result["promoted"]:
-                print(f"error: {refusal(result)}; production unchanged", file=sys.stderr)
+                print(f"{PROG}: error: {refusal(result)}; production unchanged", file=sys.stderr)
             return 0 if result["promoted"] else 1
         elif args.package_dir:
-            result = promote_package(state.store, state.data_dir, Path(args.package_dir))
+            result = promote_dir(state, Path(args.package_dir), [], 0.0, False)
         else:
-            print("error: give PACKAGE_DIR, --head-version or --from-mlflow-alias", file=sys.stderr)
+            print(f"{PROG}: error: give PACKAGE_DIR, --head-version or --from-mlflow-alias", file=sys.stderr)
             return 2
     except PromoteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result))
     _flush(state, quiet=args.no_tracking)
@@ -210,9 +290,10 @@ def _flush(state, quiet: bool = False) -> None:
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from .aggregate import Strategy
 
+    strategy = Strategy.from_dict(parse_strategy(args.strategy)) if args.strategy else None  # before touching the store
     state = _state(args)
-    if args.strategy:
-        state.strategy = Strategy.from_dict(json.loads(args.strategy))
+    if strategy is not None:
+        state.strategy = strategy
     result = state.aggregate(args.min_updates)
     if result is None:
         print(json.dumps({"aggregated": False, "buffered": state.store.buffered_count()}))
@@ -247,7 +328,8 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infantino-server", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    add_verbose(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="serve the API (gunicorn, gthread workers)")
@@ -264,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--strategy", help='JSON, e.g. {"rule": "trimmed_mean", "clip_norm": "median"}')
     r.add_argument("--access-log", action="store_true")
     r.add_argument("--dev", action="store_true", help="werkzeug's threaded development server instead of gunicorn")
+    r.add_argument("--default-package", metavar="DIR", help=f"package a store that serves nothing yet starts with "
+                                                           f"(default: ${DEFAULT_PACKAGE_ENV} or {REPO_PACKAGE})")
+    r.add_argument("--no-default-package", action="store_true",
+                   help="start with nothing served: devices get 503 until `promote`")
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("device", help="add, list or revoke devices")
@@ -327,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(PROG, lambda: args.func(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":
