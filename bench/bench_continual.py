@@ -31,10 +31,10 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(REPO))
 
+from edge_runtime.datasets import FER, INFANT, DataMissing, data_path, fer_file, infant_folder  # noqa: E402
 from edge_runtime.device import Device, DeviceConfig  # noqa: E402
 from edge_runtime.head import HeadParams, OnlineHead  # noqa: E402
 from edge_runtime.imagefolder import list_image_folder, split_items  # noqa: E402
@@ -162,8 +162,8 @@ def plot(results: dict, path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=REPO / "data" / "models")
-    p.add_argument("--images", type=Path, default=SHARED / "infant")
-    p.add_argument("--fer", type=Path, default=SHARED / "fer2013" / "fer2013_train.npz")
+    p.add_argument("--images", type=Path, default=data_path(*INFANT))
+    p.add_argument("--fer", type=Path, default=data_path(*FER))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--adult", type=int, default=1000, help="adult faces in the first phase's stream")
     p.add_argument("--adult-test", type=int, default=500)
@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="CI size: one seed, 200 adult faces, 80 photos")
     p.add_argument("--out", type=Path, default=RESULTS / "continual.json")
     args = p.parse_args(argv)
+    try:
+        infant_folder(args.images), fer_file(args.fer)
+    except DataMissing as exc:
+        sys.exit(f"bench_continual: {exc}")
     if args.quick:
         args.seeds, args.adult, args.adult_test, args.limit = args.seeds[:1], 200, 100, args.limit or 80
     t0 = time.time()

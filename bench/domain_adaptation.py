@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_runtime.datasets import FER, INFANT, DataMissing, data_path, fer_file, infant_folder
 from edge_runtime.head import HeadParams, OnlineHead
 from edge_runtime.imagefolder import list_image_folder, split_items, write_split
 from edge_runtime.metrics import summarize
@@ -30,7 +31,6 @@ from edge_runtime.splits import stratified_split
 from export.data import FaceSet, load_fer
 from export.train import TrainConfig, load_checkpoint, train
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -70,8 +70,8 @@ def score(net, fer_fit: FaceSet, fer_val: FaceSet, inf_train: FaceSet, inf_test:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--fer", default=str(SHARED / "fer2013/fer2013_train.npz"))
-    p.add_argument("--infant", default=str(SHARED / "infant"))
+    p.add_argument("--fer", default=str(data_path(*FER)))
+    p.add_argument("--infant", default=str(data_path(*INFANT)))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--images-repeat", type=int, default=10)
@@ -79,6 +79,10 @@ def main() -> None:
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "infantino-da"))
     p.add_argument("--out", default=str(RESULTS / "domain_adaptation.json"))
     args = p.parse_args()
+    try:
+        fer_file(args.fer), infant_folder(args.infant)
+    except DataMissing as exc:
+        raise SystemExit(f"domain_adaptation: {exc}") from None
     torch.set_num_threads(2)
 
     net, state = load_checkpoint(args.checkpoint)

@@ -12,17 +12,23 @@ import threading
 import time
 from pathlib import Path
 
+from edge_runtime.clitools import OneLineParser, add_verbose, run_command
+from edge_runtime.device import default_model_dir
 from edge_runtime.package import open_package
 
 from .data import find_images, fresh_out, plan_split, trained_on_held_out
 from .fleet import STRATEGIES, FleetPlan, run_fleet
 from .report import header, plot, row, write_summary
 
+PROG = "infantino-demo"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infantino-demo", description=__doc__.splitlines()[0])
-    p.add_argument("--images", help="ImageFolder of photos (default: ../shared/data/infant)")
-    p.add_argument("--model-dir", default="data/models", help="model package to start from (default: %(default)s)")
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    add_verbose(p)
+    p.add_argument("--images", help="ImageFolder of photos (default: $INFANTINO_DATA/infant, else ../shared/data/infant)")
+    p.add_argument("--model-dir", help="model package to start from (default: $INFANTINO_MODEL_DIR, else the "
+                                        "release package in the repository's data/models)")
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--budget", type=int, default=8, help="labels a caregiver gives per device per round")
@@ -46,16 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a kill cleans up as Ctrl-C does
     try:
-        return _run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"infantino-demo: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("infantino-demo: interrupted; the server was stopped", file=sys.stderr)
-        return 130
+        return run_command(PROG, lambda: _run_or_stop(args), verbose=args.verbose, error_exit=2)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _run_or_stop(args: argparse.Namespace) -> int:
+    """``_run``; Ctrl-C or SIGTERM ends it with 130 once the server it started is stopped."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the server was stopped", file=sys.stderr)
+        return 130
 
 
 def _interrupt(signum, frame) -> None:
@@ -65,6 +74,7 @@ def _interrupt(signum, frame) -> None:
 def _run(args: argparse.Namespace) -> int:
     t0 = time.time()
     images = find_images(args.images)
+    args.model_dir = args.model_dir or str(default_model_dir())
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if unknown := set(strategies) - set(STRATEGIES):
         raise ValueError(f"unknown strategy {sorted(unknown)}; choose from {', '.join(STRATEGIES)}")

@@ -1,23 +1,27 @@
 """The demo's photos: a seeded held-out part and one disjoint shard per device."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.datasets import ENV, INFANT, data_path
 from edge_runtime.imagefolder import list_image_folder, split_items
-
-DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "infant"
 
 
 def find_images(arg: str | None) -> Path:
-    """``--images``, else ../shared/data/infant next to the repository or the working folder."""
-    candidates = [Path(arg)] if arg else [DEFAULT_IMAGES, Path.cwd().parent / "shared" / "data" / "infant"]
+    """``--images``, else the infant photos under ``$INFANTINO_DATA``; without it, ../shared/data/infant
+    next to the repository, then next to the working folder."""
+    candidates = [Path(arg)] if arg else [data_path(*INFANT)]
+    if not arg and not os.environ.get(ENV):
+        candidates += [Path.cwd().parent / "shared" / "data" / "infant"]
+    candidates = list(dict.fromkeys(candidates))
     for c in candidates:
         if c.is_dir():
             return c
-    raise FileNotFoundError(f"no image folder at {' or '.join(map(str, candidates))}: pass --images DIR "
-                            "(an ImageFolder tree: one sub-folder per expression)")
+    raise FileNotFoundError(f"no image folder at {' or '.join(map(str, candidates))}: pass --images DIR or set {ENV} "
+                            "(the infant photos, README 'Data': an ImageFolder tree, one sub-folder per expression)")
 
 
 def plan_split(root: Path, devices: int, seed: int, test_fraction: float = 0.25,
@@ -38,15 +42,27 @@ def plan_split(root: Path, devices: int, seed: int, test_fraction: float = 0.25,
 
 
 def trained_on_held_out(package: Path, test: list[tuple[Path, int]]) -> int:
-    """How many held-out photos (by content) sit in the image folders the package's manifest says
-    it was trained on: a package scored on photos it learned from would flatter itself. Only exact
-    files are caught; re-encoded crops of a held-out photo (``crops export``) are not."""
-    from edge_runtime.imagefolder import _digest  # the same content key the split keeps duplicates by
+    """How many held-out photos (by content) the package's manifest says it was trained on: a
+    package scored on photos it learned from would flatter itself. Only exact files are caught;
+    re-encoded crops of a held-out photo (``crops export``) are not, unless the manifest names
+    the photos they were cut from (the release package does)."""
+    from edge_runtime.datasets import file_key
     from edge_runtime.package import open_package
 
-    folders = [Path(f) for f in open_package(package, verify=False).manifest.trained_on.get("images") or []]
-    seen = {_digest(p) for f in folders if f.is_dir() for p, _ in list_image_folder(f)}
-    return sum(_digest(p) in seen for p, _ in test)
+    seen = trained_keys(open_package(package, verify=False).manifest.trained_on.get("images"))
+    return sum(file_key(p) in seen for p, _ in test)
+
+
+def trained_keys(images: dict | list | None) -> set[str]:
+    """The content keys of the photos a manifest's ``trained_on.images`` names: the record's
+    ``file_keys`` (``image_set_record``), or, from manifests written before records, the
+    images in those folders that still exist on this machine."""
+    from edge_runtime.datasets import image_folders_record
+
+    if isinstance(images, dict):
+        return set(images.get("file_keys") or [])
+    folders = [f for f in images or [] if Path(f).is_dir()]
+    return set(image_folders_record(folders)["file_keys"])
 
 
 MARKER = ".infantino-demo"

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -16,7 +17,9 @@ import pytest
 from conftest import REPO, require_data
 from edge_helpers import write_image_folder
 from edge_runtime.preprocess import CLASSES
+from edge_runtime.datasets import image_folders_record, image_set_record
 from fleet_demo.cli import main
+from fleet_demo.data import plan_split, trained_on_held_out
 from fleet_demo.fleet import pick
 from sync_server import store as st
 from sync_server.crops import counts
@@ -108,16 +111,32 @@ def test_out_is_recreated_but_a_foreign_folder_is_never_wiped(tmp_path, tiny_pac
     assert "no-model" in capsys.readouterr().err and (mine / "thesis.tex").exists()  # a bad package is caught first
 
 
-def test_a_refresh_package_trained_on_held_out_photos_is_refused(tmp_path, tiny_package_dir, capsys):
+def _trained_on(package: Path, images) -> Path:
+    manifest = json.loads((package / "manifest.json").read_text())
+    manifest["trained_on"] = {"images": images}
+    (package / "manifest.json").write_text(json.dumps(manifest))  # trained_on is not hashed: the package stays valid
+    return package
+
+
+@pytest.mark.parametrize("recorded", ["digest", "folder path (manifests before digests)"])
+def test_a_refresh_package_trained_on_held_out_photos_is_refused(tmp_path, tiny_package_dir, capsys, recorded):
     images = write_image_folder(tmp_path / "photos", per_class=4, seed=2, classes=CLASSES)
-    leaky = shutil.copytree(tiny_package_dir, tmp_path / "leaky")
-    manifest = json.loads((leaky / "manifest.json").read_text())
-    manifest["trained_on"] = {"images": [str(images)]}  # trained on every photo, held-out ones included
-    (leaky / "manifest.json").write_text(json.dumps(manifest))
+    record = image_folders_record([images]) if recorded == "digest" else [str(images)]  # every photo, held-out ones too
+    leaky = _trained_on(shutil.copytree(tiny_package_dir, tmp_path / "leaky"), record)
     rc = main(["--quick", "--images", str(images), "--model-dir", str(tiny_package_dir), "--out", str(tmp_path / "o"),
                "--refresh-package", str(leaky), "--refresh-after", "1"])
-    assert rc == 2 and "was trained on" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "was trained on" in err and "held-out photos" in err
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_a_package_trained_only_on_the_camera_streams_passes_the_leak_check(tmp_path, tiny_package_dir):
+    images = write_image_folder(tmp_path / "photos", per_class=4, seed=2, classes=CLASSES)
+    shards, test = plan_split(images, 2, 0, limit=40)  # the --quick split
+    clean = _trained_on(shutil.copytree(tiny_package_dir, tmp_path / "clean"),
+                        image_set_record(p for shard in shards for p, _ in shard))
+    assert trained_on_held_out(clean, test) == 0
+    assert trained_on_held_out(_trained_on(clean, image_set_record([test[0][0]])), test) >= 1
 
 
 @pytest.mark.slow

@@ -20,10 +20,14 @@ from export.model import ModelConfig, build_model, load_lite0_imagenet  # noqa: 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
+    from edge_helpers import write_image_folder
+    from edge_runtime.preprocess import CLASSES
+
     fer = require_data("fer2013", "fer2013_train.npz")
     out = tmp_path_factory.mktemp("run")
+    photos = write_image_folder(tmp_path_factory.mktemp("photos") / "photos", per_class=2, seed=7, classes=CLASSES)
     args = ["train", "--fer", str(fer), "--out", str(out), "--epochs", "1", "--limit", "420",
-            "--max-steps", "2", "--batch-size", "32", "--threads", "1"]
+            "--max-steps", "2", "--batch-size", "32", "--threads", "1", "--images", str(photos)]
     assert export_main(args) == 0
     return out
 
@@ -57,6 +61,9 @@ def test_export_writes_a_verified_package(tiny_run, tmp_path):
     metrics = pkg.manifest.metrics
     assert metrics["onnx_parity_max_abs"] < 1e-3
     assert pkg.manifest.embedding_dim == 64
+    images = pkg.manifest.trained_on["images"]  # what it saw, as data: no path of this machine
+    assert images["count"] == 14 and len(images["sha256"]) == 64 and len(images["file_keys"]) == 14
+    assert str(tiny_run.parent.parent) not in json.dumps(pkg.manifest.trained_on)
 
     # The classifier graph agrees with extractor + head run separately.
     import onnxruntime as ort
@@ -88,7 +95,7 @@ def test_export_with_adabn_moves_only_batch_norm_statistics(tiny_run, tmp_path):
     assert export_main(["onnx", *common, "--out", str(plain)]) == 0
     assert export_main(["onnx", *common, "--out", str(adapted), "--adabn", str(target)]) == 0
     info = open_package(adapted).manifest.trained_on["adabn"]
-    assert info["n"] == 21 and info["bn_layers"] > 10 and "adabn" not in open_package(plain).manifest.trained_on
+    assert info["n"] == 21 and info["images"]["count"] == 21 and info["bn_layers"] > 10 and "adabn" not in open_package(plain).manifest.trained_on
     import onnxruntime as ort
 
     x = np.random.default_rng(1).normal(size=(4, 1, 64, 64)).astype(np.float32)
