@@ -44,9 +44,10 @@ def find_package(arg: str | None) -> Path:
     raise SystemExit("no model package in data/models; pass --package DIR")
 
 
-def load_faces(package: Path, seeds: list[int], devices: int) -> dict:
-    """Per seed: crops (uint8, package size) and labels of a held-out part and one share per device.
-    Every photo is cropped once; the splits keep duplicate files on one side."""
+def load_faces(package: Path, seeds: list[int], devices: int, held_out: dict[str, float] | None = None) -> dict:
+    """Per seed: crops (uint8, package size) and labels of the held-out parts (default ``{"test": 0.3}``)
+    and one equal share of the rest per device. Every photo is cropped once; the splits keep
+    duplicate files on one side."""
     from edge_runtime.datasets import infant_folder
     from edge_runtime.imagefolder import list_image_folder, split_items
     from edge_runtime.package import open_package
@@ -61,7 +62,9 @@ def load_faces(package: Path, seeds: list[int], devices: int) -> dict:
                 crops[path] = prepare(path, spec, detect=True).crop
             except ImageError:
                 continue
-    fractions = {"test": 0.3, **{f"dev{i}": 0.7 / devices for i in range(devices)}}
+    held_out = held_out or {"test": 0.3}
+    rest = 1.0 - sum(held_out.values())
+    fractions = {**held_out, **{f"dev{i}": rest / devices for i in range(devices)}}
     out = {}
     for seed in seeds:
         parts = split_items(items, fractions, seed)

@@ -5,7 +5,7 @@ defaults below, then ``INFANTINO_*`` environment variables (``INFANTINO_DATA_DIR
 ``INFANTINO_DB_URL``, ``INFANTINO_MLFLOW_URI``, ``INFANTINO_AGGREGATE_K``, ...; JSON
 values are parsed), then ``test_config``. The same app runs under
 ``flask --app sync_server run``, ``infantino-server run`` and gunicorn
-(``gunicorn -w 2 -k gthread --threads 8 'sync_server.wsgi:app'``).
+(``gunicorn -c python:sync_server.gunicorn_conf -w 2 --threads 8 'sync_server.wsgi:app'``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from typing import Optional
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from .aggregate import Strategy
+from .aggregate import Strategy, ingest_bound
+from .rounds import RoundPolicy
 from .store import Store, StoreBusy, StoreError, sqlite_url
 
 log = logging.getLogger("infantino.server")
@@ -29,11 +30,16 @@ DEFAULTS = {
     "DATA_DIR": None,            # default: $XDG_DATA_HOME/infantino-server
     "DB_URL": None,              # default: sqlite:///<DATA_DIR>/server.db
     "MLFLOW_URI": None,          # default: sqlite:///<DATA_DIR>/mlflow.db (+ <DATA_DIR>/mlartifacts); "off" disables
-    "AGGREGATE_K": 10,           # step once this many updates are buffered (FedBuff's K)
+    "AGGREGATE_K": 10,           # step once this many devices have updates buffered (FedBuff's K, one voice each)
     "AGGREGATE_MAX_BATCH": 20000,
-    "STRATEGY": {},              # aggregate.Strategy fields, e.g. {"rule": "trimmed_mean", "clip_norm": "median"}
+    "STRATEGY": {},              # aggregate.Strategy fields over its robust default, e.g. {"rule": "median"}
     "MAX_UPDATE_BYTES": 4 * 1024 * 1024,
-    "MAX_DELTA_NORM": 50.0,      # L2 bound on (update - base head)
+    "MAX_DELTA_NORM": 50.0,      # hard L2 bound on (update - base head), before any round has measured honest updates
+    "NORM_BOUND_FACTOR": 10.0,   # then: an update may move the head by at most this x the median voice norm of recent rounds
+    "CLIP_CAP_FACTOR": 3.0,      # a round's clip bound is at most this x that median (rounds.RoundPolicy)
+    "LABEL_BURST": 64,           # labels a device may claim on a head just published ...
+    "LABELS_PER_HOUR": 240,      # ... plus this many per hour since it was published (FedAvg weights)
+    "MAX_BUFFERED_PER_DEVICE": 64,  # more waiting updates from one device get 429 (retried after the next round)
     "MAX_STALENESS": 100,        # head versions an update may lag behind
     "MAX_SAMPLES_PER_UPDATE": 100000,
     "COMMIT_TIMEOUT_S": 30.0,
@@ -43,8 +49,11 @@ DEFAULTS = {
     "FAULT_AGGREGATE_PAUSE_S": 0.0,  # fault injection for tests: hold the aggregation transaction open
     "GATE_DIRS": [],             # held-out ImageFolder sets a published package is judged on (the first decides)
     "GATE_TOLERANCE": 0.0,       # accuracy the candidate may lose on the first set and still pass
+    "HEAD_GATE": True,           # with GATE_DIRS: an aggregated head is served only if not worse on the first set
+    "HEAD_GATE_TOLERANCE": 0.0,
     "MAX_PACKAGE_BYTES": 256 * 1024 * 1024,  # POST /v1/admin/packages body (the release package is 21 MB)
     "MAX_CROP_BYTES": 4 * 1024 * 1024,  # POST /v1/crops body (512 raw 64x64 crops are 2 MB)
+    "METRICS_TOKEN": None,       # GET /metrics is open (like /v1/health) unless a bearer token is set here
 }
 
 
@@ -78,6 +87,10 @@ class ServerState:
         self.store = Store(self.db_url)
         self.store.create_all()
         self.strategy = Strategy.from_dict(dict(config["STRATEGY"] or {}))
+        self.policy = RoundPolicy(label_burst=float(config["LABEL_BURST"]), labels_per_hour=float(config["LABELS_PER_HOUR"]),
+                                  clip_cap_factor=float(config["CLIP_CAP_FACTOR"]))
+        self.head_gate = self._head_gate(config)
+        self._bound_cache: dict[str, tuple[float, float]] = {}
         self.tracker = None
         if self.mlflow_uri:
             from .tracking import Tracker
@@ -90,13 +103,41 @@ class ServerState:
         self._lock = threading.Lock()
         self._closed = False
 
+    def _head_gate(self, config: dict):
+        from .publish import gate_dirs
+
+        dirs = gate_dirs(config)
+        if not dirs or not config["HEAD_GATE"]:
+            return None
+        from .headgate import HeadGate
+
+        return HeadGate(self.store, self.data_dir, dirs[0], float(config["HEAD_GATE_TOLERANCE"]))
+
+    def ingest_bound(self, package_version: str) -> float:
+        """The L2 bound for incoming updates (``aggregate.ingest_bound``), re-read at most every 5 s."""
+        now = time.monotonic()
+        cached = self._bound_cache.get(package_version)
+        if cached is None or now - cached[1] > 5.0:
+            reference = self.store.recent_voice_norm(package_version, self.policy.history)
+            bound = ingest_bound(float(self.config["MAX_DELTA_NORM"]), reference, float(self.config["NORM_BOUND_FACTOR"]))
+            cached = self._bound_cache[package_version] = (bound, now)
+        return cached[0]
+
     # ------------------------------------------------------------ aggregation
     def aggregate(self, min_updates: int):
+        """One round if ``min_updates`` devices have updates buffered (the head gate's held-out
+        set is embedded first, outside the transaction)."""
         from .rounds import aggregate_once
 
+        if self.head_gate is not None:
+            serving = self.store.serving()
+            if serving is not None:
+                self.head_gate.prepare(serving.package_version)
         result = aggregate_once(self.store, self.strategy, min_updates=min_updates,
                                 max_updates=int(self.config["AGGREGATE_MAX_BATCH"]),
-                                fault_pause_s=float(self.config["FAULT_AGGREGATE_PAUSE_S"]))
+                                fault_pause_s=float(self.config["FAULT_AGGREGATE_PAUSE_S"]),
+                                policy=self.policy, judge=self.head_gate)
+        self._bound_cache.clear()
         if result is not None:
             if self.tracker is not None:
                 self.tracker.kick()
@@ -133,12 +174,12 @@ class ServerState:
                 self.tracker.start()
 
     def _aggregator_loop(self) -> None:
-        """Wakes after commits (at most 5 checks a second) and every 30 s; steps once K are buffered."""
+        """Wakes after commits (at most 5 checks a second) and every 30 s; steps once K devices have updates buffered."""
         k = int(self.config["AGGREGATE_K"])
         failures = 0
         while not self._closed:
             try:
-                while self.store.has_buffered(k) and self.aggregate(k) is not None:
+                while self.store.has_buffered(k) and self.store.buffered_devices() >= k and self.aggregate(k) is not None:
                     pass
                 failures = 0
             except (StoreBusy, StoreError) as exc:
@@ -170,9 +211,11 @@ def create_app(test_config: Optional[dict] = None) -> Flask:
     state = ServerState(app.config)
     app.extensions["infantino"] = state
 
-    from . import api
+    from . import api, metrics
 
     app.register_blueprint(api.bp)
+    state.events = metrics.init_app(app, state.store, tracking=state.tracker is not None,
+                                    token=app.config.get("METRICS_TOKEN") or None)
 
     @app.errorhandler(HTTPException)
     def _json_error(exc: HTTPException):

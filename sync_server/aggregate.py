@@ -1,16 +1,22 @@
 """Aggregation math: pure numpy, no Flask, no database, no MLflow.
 
 The server buffers head updates as *deltas* (device weights minus the global head they
-started from) and steps once ``K`` are buffered, as in FedBuff (Nguyen et al., 2022):
+started from) and steps once ``K`` devices have some buffered, as in FedBuff (Nguyen et al., 2022):
 
-    new_global = global + server_lr * combine(discount(tau_i) * clip(delta_i), n_i)
+    new_global = global + server_lr * combine(clip(voice_d), n_d)
+    voice_d    = sum over device d's buffered updates of discount(tau_i) * delta_i
 
-* ``combine`` is the rule: sample-weighted mean (FedAvg, the default), coordinate-wise
-  median, or a coordinate-wise trimmed mean (the robust rules ignore ``n_i``, which a
-  device can lie about).
+* one device, one voice: a device's buffered updates (consecutive pieces of its learning
+  since its base head, or a flood of crafted ones) are summed into one row before anything
+  else, so posting ten updates weighs no more than posting one;
+* ``clip`` bounds each voice's L2 norm: by default the median voice norm of the buffer (a
+  bound the honest majority sets), never above ``norm_cap`` (a multiple of what honest
+  rounds measured before) when the caller gives one;
+* ``combine`` is the rule: coordinate-wise trimmed mean (the default), coordinate-wise
+  median, or the sample-weighted mean (FedAvg). The robust rules ignore ``n_d``; FedAvg
+  weighs by ``n_d`` capped to what the device can plausibly have labelled (``sample_caps``);
 * ``discount(tau)`` shrinks an update computed ``tau`` global versions ago. It multiplies
   the delta and is *not* renormalised, so a batch of stale updates moves the head less.
-* ``clip`` bounds each delta's L2 norm (a fixed bound, or the batch's median norm).
 
 Deltas travel as one matrix ``(n_updates, n_params)`` of flattened float32 layers, which
 is what makes 10,000 updates a single BLAS call; ``aggregate`` keeps Flower's
@@ -19,7 +25,7 @@ is what makes 10,000 updates a single BLAS call; ``aggregate`` keeps Flower's
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -85,10 +91,13 @@ def coordinate_median(deltas: np.ndarray) -> np.ndarray:
     return np.median(deltas, axis=0).astype(np.float32)
 
 
-def trimmed_mean(deltas: np.ndarray, fraction: float) -> np.ndarray:
-    """Per coordinate, drop the ``fraction`` largest and smallest values, average the rest."""
+def trimmed_mean(deltas: np.ndarray, fraction: float, min_trim: int = 0) -> np.ndarray:
+    """Per coordinate, drop the ``fraction`` largest and smallest values (at least ``min_trim``
+    of each when enough rows remain), average the rest."""
     n = deltas.shape[0]
     k = int(np.floor(fraction * n))
+    if k < min_trim and n >= 2 * min_trim + 1:
+        k = min_trim
     if k == 0:
         return deltas.mean(axis=0, dtype=np.float64).astype(np.float32)
     if 2 * k >= n:
@@ -120,16 +129,19 @@ def clip_rows(deltas: np.ndarray, max_norm: float) -> tuple[np.ndarray, int]:
 
 @dataclass(frozen=True)
 class Strategy:
-    """How a buffer of deltas becomes one server step.
+    """How a buffer of deltas becomes one server step; the default is the robust one.
 
-    ``clip_norm``: ``None`` (off), a number, or ``"median"`` (each batch's median norm).
-    ``max_weight_samples`` caps the sample count one update may claim in FedAvg.
+    ``clip_norm``: ``None`` (off), a number, or ``"median"`` (each buffer's median voice norm).
+    ``min_trim``: the trimmed mean drops at least this many voices per side once there are
+    ``2 * min_trim + 1`` (so one hostile voice among four is trimmed too).
+    ``max_weight_samples`` caps the sample count one voice may claim in FedAvg.
     """
 
-    rule: str = "fedavg"
+    rule: str = "trimmed_mean"
     staleness: str = "sqrt"
-    clip_norm: Union[float, str, None] = None
+    clip_norm: Union[float, str, None] = "median"
     trim_fraction: float = 0.2
+    min_trim: int = 1
     server_lr: float = 1.0
     max_weight_samples: int = 1000
 
@@ -144,6 +156,8 @@ class Strategy:
             raise ValueError("clip_norm must be positive")
         if not 0 <= self.trim_fraction < 0.5:
             raise ValueError("trim_fraction must be in [0, 0.5)")
+        if not isinstance(self.min_trim, int) or self.min_trim < 0:
+            raise ValueError("min_trim must be a non-negative integer")
         if not self.server_lr > 0:
             raise ValueError("server_lr must be positive")
 
@@ -168,50 +182,112 @@ class StepResult:
     info: dict                 # what happened, for MLflow and the store
 
 
-def aggregate_deltas(deltas: np.ndarray, n_samples: Sequence[int], staleness: Sequence[int], strategy: Strategy = Strategy()) -> StepResult:
-    """Combine a buffer of flat deltas (n, P) into one server step. Does not modify ``deltas``."""
-    deltas = np.asarray(deltas, np.float32)
+def merge_voices(deltas: np.ndarray, voices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Sum the rows of each voice: ((n_voices, P) matrix, voice index of every row).
+    Rows keep their order of first appearance; a buffer of one row per voice is returned as is."""
+    ids = np.asarray(voices)
+    uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    if len(uniq) == len(ids):
+        return deltas, np.arange(len(ids))
+    rank = np.empty(len(uniq), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
+    index = rank[inverse.ravel()]
+    out = np.zeros((len(uniq), deltas.shape[1]), deltas.dtype)
+    np.add.at(out, index, deltas)
+    return out, index
+
+
+def _validate(deltas: np.ndarray, samples: np.ndarray, tau: np.ndarray) -> int:
     n = deltas.shape[0] if deltas.ndim == 2 else 0
     if n == 0:
         raise ValueError("nothing to aggregate")
-    samples = np.asarray(n_samples, np.float64)
-    tau = np.asarray(staleness, np.float64)
     if samples.shape != (n,) or tau.shape != (n,):
         raise ValueError(f"{n} deltas need {n} sample counts and {n} staleness values")
     if (samples <= 0).any() or (tau < 0).any():
         raise ValueError("sample counts must be positive and staleness non-negative")
     if not np.isfinite(deltas).all():
         raise ValueError("deltas hold NaN or infinite values")
+    return n
 
+
+def _clip_bound(voice_norms: np.ndarray, strategy: Strategy, norm_cap: Optional[float]) -> Optional[float]:
+    """The clip bound of this step: the strategy's, never above ``norm_cap``."""
+    if strategy.clip_norm is None:
+        bound = None
+    elif strategy.clip_norm == "median":
+        bound = float(np.median(voice_norms))
+    else:
+        bound = float(strategy.clip_norm)
+    if norm_cap is not None and norm_cap > 0:
+        bound = norm_cap if bound is None else min(bound, norm_cap)
+    return bound
+
+
+def _combine(voices: np.ndarray, weights: np.ndarray, strategy: Strategy) -> np.ndarray:
+    if strategy.rule == "fedavg":
+        return weighted_mean(voices, np.minimum(weights, strategy.max_weight_samples))
+    if strategy.rule == "median":
+        return coordinate_median(voices)
+    return trimmed_mean(voices, strategy.trim_fraction, strategy.min_trim)
+
+
+def aggregate_deltas(deltas: np.ndarray, n_samples: Sequence[int], staleness: Sequence[int], strategy: Strategy = Strategy(),
+                     voices: Optional[Sequence[int]] = None, sample_caps: Optional[Sequence[float]] = None,
+                     norm_cap: Optional[float] = None) -> StepResult:
+    """Combine a buffer of flat deltas (n, P) into one server step. Does not modify ``deltas``.
+
+    ``voices``: who sent each row (rows of one voice are summed; default: every row its own);
+    ``sample_caps``: labels the sender of each row can plausibly have made since its base head;
+    ``norm_cap``: an upper bound on the clip bound (e.g. derived from past honest rounds).
+    """
+    deltas = np.asarray(deltas, np.float32)
+    samples = np.asarray(n_samples, np.float64)
+    tau = np.asarray(staleness, np.float64)
+    n = _validate(deltas, samples, tau)
     norms = row_norms(deltas)
-    n_clipped, bound = 0, None
-    if strategy.clip_norm is not None:
-        bound = float(np.median(norms)) if strategy.clip_norm == "median" else float(strategy.clip_norm)
-        if bound > 0:
-            deltas, n_clipped = clip_rows(deltas, bound)
     discount = STALENESS[strategy.staleness](tau)
     scaled = deltas * discount[:, None].astype(np.float32) if np.any(discount != 1.0) else deltas
-
-    if strategy.rule == "fedavg":
-        combined = weighted_mean(scaled, np.minimum(samples, strategy.max_weight_samples))
-    elif strategy.rule == "median":
-        combined = coordinate_median(scaled)
-    else:
-        combined = trimmed_mean(scaled, strategy.trim_fraction)
-    step = (combined * np.float32(strategy.server_lr)).astype(np.float32)
+    matrix, index = merge_voices(scaled, np.arange(n) if voices is None else voices)
+    claimed = np.bincount(index, weights=samples, minlength=matrix.shape[0])
+    caps = np.full(matrix.shape[0], np.inf) if sample_caps is None else _voice_caps(index, sample_caps, matrix.shape[0])
+    counted = np.maximum(np.minimum(claimed, caps), 1.0)
+    voice_norms = row_norms(matrix)
+    bound = _clip_bound(voice_norms, strategy, norm_cap)
+    n_clipped = 0
+    if bound is not None and bound > 0:
+        matrix, n_clipped = clip_rows(matrix, bound)
+    step = (_combine(matrix, counted, strategy) * np.float32(strategy.server_lr)).astype(np.float32)
     info = {
-        "n_updates": n,
-        "n_samples": int(samples.sum()),
-        "staleness_mean": float(tau.mean()),
-        "staleness_max": int(tau.max()),
-        "discount_mean": float(discount.mean()),
-        "delta_norm_median": float(np.median(norms)),
-        "delta_norm_max": float(norms.max()),
-        "clip_bound": bound,
-        "n_clipped": n_clipped,
-        "step_norm": float(np.linalg.norm(step)),
+        "n_updates": n, "n_voices": int(matrix.shape[0]),
+        "n_samples": int(counted.sum()), "n_samples_claimed": int(samples.sum()),
+        "n_samples_capped": int((claimed > caps).sum()),
+        "staleness_mean": float(tau.mean()), "staleness_max": int(tau.max()), "discount_mean": float(discount.mean()),
+        "delta_norm_median": float(np.median(norms)), "delta_norm_max": float(norms.max()),
+        "voice_norm_median": float(np.median(voice_norms)), "voice_norm_max": float(voice_norms.max()),
+        "clip_bound": bound, "n_clipped": n_clipped, "step_norm": float(np.linalg.norm(step)),
     }
     return StepResult(step, info)
+
+
+def _voice_caps(index: np.ndarray, caps: Sequence[float], n_voices: int) -> np.ndarray:
+    """A voice's cap is the largest of its rows' caps (its oldest base head allows the most)."""
+    out = np.zeros(n_voices)
+    np.maximum.at(out, index, np.asarray(caps, np.float64))
+    return out
+
+
+def label_cap(base_age_s: float, burst: float, per_hour: float) -> float:
+    """Labels a device can plausibly have made since it pulled a head published ``base_age_s``
+    ago (it cannot have pulled it earlier): ``burst`` plus ``per_hour`` for every hour since."""
+    return float(burst) + float(per_hour) * max(0.0, float(base_age_s)) / 3600.0
+
+
+def ingest_bound(max_norm: float, reference: Optional[float], factor: float) -> float:
+    """The L2 bound an incoming update must respect: ``factor`` times the median voice norm
+    of recent honest rounds once there are some, never above the hard ``max_norm``."""
+    if reference is None or not reference > 0 or not factor > 0:
+        return float(max_norm)
+    return float(min(max_norm, factor * reference))
 
 
 def aggregate(results: Sequence[tuple[NDArrays, int]]) -> NDArrays:

@@ -20,6 +20,8 @@ from edge_runtime import wire
 
 from . import crops, models, publish
 from .auth import require
+from .headgate import HeadGateError
+from .names import InvalidName, child_path
 from .store import StoreBusy, UpdateRecord
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -28,8 +30,27 @@ KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 MAX_METRICS = 32
 
 
+INT32_MAX = 2**31 - 1  # the store's integer columns
+
+
 def state():
     return current_app.extensions["infantino"]
+
+
+def refuse(status: int, reason: str, message: str):
+    """abort() with a short machine-readable reason for the /metrics counters."""
+    g.refusal = reason
+    abort(status, message)
+
+
+def _decode(body: bytes, **limits) -> tuple[dict, dict]:
+    """``wire.decode`` with every failure a 400 (a deeply nested meta included)."""
+    try:
+        return wire.decode(body, **limits)
+    except wire.WireError as exc:
+        refuse(400, "malformed", str(exc))
+    except RecursionError:
+        refuse(400, "malformed", "'meta' is nested too deeply")
 
 
 def _served():
@@ -99,7 +120,10 @@ def model_file(name: str):
     hashes["manifest.json"] = pkg["manifest_sha256"]
     if name not in hashes:
         abort(404, f"package {version} has no file {name!r}; it has {', '.join(sorted(hashes))}")
-    path = Path(s.data_dir) / pkg["folder"] / name
+    try:
+        path = child_path(Path(s.data_dir) / pkg["folder"], name)
+    except InvalidName:
+        abort(404, f"package {version} has no file {name[:80]!r}")
     if not path.is_file():
         abort(404, f"file {name} of package {version} is missing on the server")
     resp = send_file(path, mimetype="application/octet-stream", etag=hashes[name], conditional=True, max_age=31536000)
@@ -112,45 +136,79 @@ def model_file(name: str):
 
 def _check_meta(meta: dict, cfg) -> dict:
     if meta.get("format") != wire.UPDATE_FORMAT:
-        abort(400, f"meta.format must be {wire.UPDATE_FORMAT!r}")
+        refuse(400, "malformed", f"meta.format must be {wire.UPDATE_FORMAT!r}")
     out = {}
     for key, kind in (("device", str), ("base_package_version", str), ("idempotency_key", str), ("kind", str)):
         if not isinstance(meta.get(key), kind):
-            abort(400, f"meta.{key} must be a string")
+            refuse(400, "malformed", f"meta.{key} must be a string")
         out[key] = meta[key]
     for key in ("base_head_version", "n_samples"):
         value = meta.get(key)
         if not isinstance(value, int) or isinstance(value, bool):
-            abort(400, f"meta.{key} must be an integer")
+            refuse(400, "malformed", f"meta.{key} must be an integer")
         out[key] = value
+    if not 0 <= out["base_head_version"] <= INT32_MAX:
+        refuse(422, "unknown_base", f"meta.base_head_version must be between 0 and {INT32_MAX}")
     if not KEY_RE.match(out["idempotency_key"]):
-        abort(400, "meta.idempotency_key must be 8-128 characters of A-Z a-z 0-9 . _ : -")
+        refuse(400, "malformed", "meta.idempotency_key must be 8-128 characters of A-Z a-z 0-9 . _ : -")
     if out["kind"] not in wire.KINDS:
-        abort(400, f"meta.kind must be one of {', '.join(wire.KINDS)}")
+        refuse(400, "malformed", f"meta.kind must be one of {', '.join(wire.KINDS)}")
     if not 1 <= out["n_samples"] <= cfg["MAX_SAMPLES_PER_UPDATE"]:
-        abort(422, f"n_samples must be between 1 and {cfg['MAX_SAMPLES_PER_UPDATE']}")
-    metrics = meta.get("metrics", {})
+        refuse(422, "n_samples", f"n_samples must be between 1 and {cfg['MAX_SAMPLES_PER_UPDATE']}")
+    out["metrics"] = _check_metrics(meta.get("metrics", {}))
+    return out
+
+
+def _check_metrics(metrics) -> dict[str, float]:
     if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
-        abort(400, f"meta.metrics must be an object with at most {MAX_METRICS} entries")
+        refuse(400, "malformed", f"meta.metrics must be an object with at most {MAX_METRICS} entries")
+    out = {}
     for k, v in metrics.items():
-        if len(k) > 64 or not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            abort(422, f"metric {k[:64]!r} must be a finite number with a name of at most 64 characters")
-    out["metrics"] = {k: float(v) for k, v in metrics.items()}
+        try:
+            ok = len(k) <= 64 and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        except OverflowError:  # an integer beyond float range
+            ok = False
+        if not ok:
+            refuse(422, "metrics", f"metric {k[:64]!r} must be a finite number with a name of at most 64 characters")
+        out[k] = float(v)
     return out
 
 
 def _read_body(limit: int) -> bytes:
-    """The request body in one read when its length is declared (werkzeug's generic reader
-    takes ~20 small reads for 20 KB under gunicorn); 413 beyond ``limit``."""
+    """The request body, 413 beyond ``limit`` whether its length is declared or it comes chunked.
+
+    A declared length is read in one call (werkzeug's generic reader takes ~20 small reads for
+    20 KB under gunicorn); a chunked body is read in pieces up to ``limit`` + 1 (the app-wide
+    ``MAX_CONTENT_LENGTH`` is the update limit, so werkzeug's own reader would cut a package).
+    A client that stops sending (the worker's socket read timeout) gets 408.
+    """
     length = request.content_length
-    if length is None:
-        return request.get_data(cache=False)  # chunked: werkzeug enforces MAX_CONTENT_LENGTH
-    if length > limit:
-        abort(413, f"body too large: the limit is {limit} bytes")
-    data = request.environ["wsgi.input"].read(length)
+    stream = request.environ["wsgi.input"]
+    try:
+        if length is None:
+            return _read_chunked(stream, limit)
+        if length > limit:
+            refuse(413, "too_large", f"body too large: the limit is {limit} bytes")
+        data = stream.read(length)
+    except OSError:
+        refuse(408, "timeout", "the request body did not arrive in time")
     if len(data) != length:
-        abort(400, f"body ended after {len(data)} of {length} bytes")
+        refuse(400, "malformed", f"body ended after {len(data)} of {length} bytes")
     return data
+
+
+def _read_chunked(stream, limit: int, piece: int = 1 << 20) -> bytes:
+    if not request.environ.get("wsgi.input_terminated") and "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
+        return b""  # no length and no chunked framing: there is no body
+    parts, size = [], 0
+    while True:
+        chunk = stream.read(min(piece, limit + 1 - size))
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            refuse(413, "too_large", f"body too large: the limit is {limit} bytes")
 
 
 @bp.post("/updates")
@@ -160,76 +218,96 @@ def post_update():
     cfg = current_app.config
     body = _read_body(cfg["MAX_UPDATE_BYTES"])
     if not body:
-        abort(400, "empty body; send the update as an npz (edge_runtime.wire.encode_update)")
-    try:
-        raw_meta, arrays = wire.decode(body, max_inflated=cfg["MAX_UPDATE_BYTES"] * 4)
-    except wire.WireError as exc:
-        abort(400, str(exc))
+        refuse(400, "malformed", "empty body; send the update as an npz (edge_runtime.wire.encode_update)")
+    raw_meta, arrays = _decode(body, max_inflated=cfg["MAX_UPDATE_BYTES"] * 4)
     meta = _check_meta(raw_meta, cfg)
     client = g.client
     if meta["device"] != client.name:
-        abort(403, f"this token belongs to device {client.name!r}; an update may not claim to come from {meta['device'][:64]!r}")
+        refuse(403, "wrong_device", f"this token belongs to device {client.name!r}; an update may not claim to come from "
+                                    f"{meta['device'][:64]!r}")
     digest = hashlib.sha256(body).hexdigest()
-
     try:
-        existing, served = s.store.ingest_view(client.id, meta["idempotency_key"])
+        existing, served, waiting = s.store.ingest_view(client.id, meta["idempotency_key"])
     except StoreBusy as exc:
-        abort(503, str(exc))
+        refuse(503, "busy", str(exc))
     if existing is not None:
         return _receipt_response(existing[0], existing[1] == digest, duplicate=True)
     if served is None:
-        abort(503, "no model has been promoted yet (infantino-server promote PACKAGE_DIR)")
-    package_version, head_version = served
-    if meta["base_package_version"] != package_version:
-        known = s.store.package(meta["base_package_version"]) is not None
-        if known:
-            abort(409, f"update was computed for package {meta['base_package_version']}; the server now serves "
-                       f"{package_version}: pull the new model")
-        abort(422, f"unknown base package version {meta['base_package_version'][:128]!r}")
-    base = s.store.head(meta["base_head_version"])
-    if base is None or base.package_version != package_version:
-        abort(422, f"unknown base head version {meta['base_head_version']} for package {package_version}")
-    staleness = head_version - base.version
-    if staleness > cfg["MAX_STALENESS"]:
-        abort(409, f"update is {staleness} head versions behind (limit {cfg['MAX_STALENESS']}): pull the current head")
-
-    try:
-        layers = wire.dict_to_layers(arrays, len(base.layers) // 2)
-    except wire.WireError as exc:
-        abort(422, str(exc))
-    parts = []
-    for name, arr, want in zip(wire.layer_names(len(base.layers) // 2), layers, base.layers):
-        if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
-            abort(422, f"{name} has dtype {arr.dtype}; send float32")
-        if arr.shape != want.shape:
-            abort(422, f"{name} has shape {arr.shape}; the head needs {want.shape}")
-        parts.append(arr.astype(np.float32, copy=False).ravel())
-    flat = np.concatenate(parts)
-    if not np.isfinite(flat).all():
-        abort(422, "update holds NaN or infinite values")
+        refuse(503, "not_serving", "no model has been promoted yet (infantino-server promote PACKAGE_DIR)")
+    if waiting >= int(cfg["MAX_BUFFERED_PER_DEVICE"]):
+        _too_many(waiting)
+    base, staleness = _check_base(s, meta, served)
+    flat = _check_arrays(arrays, base)
     delta = flat - base.flat if meta["kind"] == "weights" else flat
     norm = float(np.linalg.norm(delta))
-    if not math.isfinite(norm) or norm > cfg["MAX_DELTA_NORM"]:
-        abort(422, f"update moves the head by {norm:.4g} (L2), beyond the bound {cfg['MAX_DELTA_NORM']}")
-
+    bound = s.ingest_bound(base.package_version)
+    if not math.isfinite(norm) or norm > bound:
+        refuse(422, "norm_bound", f"update moves the head by {norm:.4g} (L2), beyond the bound {bound:.4g}")
     record = UpdateRecord(
         client_id=client.id, idempotency_key=meta["idempotency_key"], body_sha256=digest,
-        package_version=package_version, base_head_version=base.version, n_samples=meta["n_samples"],
+        package_version=base.package_version, base_head_version=base.version, n_samples=meta["n_samples"],
         metrics=meta["metrics"], delta=delta.astype("<f4").tobytes(), delta_norm=norm,
     )
     try:
         receipt = s.store.submit_update(record, timeout_s=cfg["COMMIT_TIMEOUT_S"], on_commit=s.after_commit)
     except StoreBusy as exc:
-        abort(503, f"{exc}; retry with the same idempotency key")
+        refuse(503, "busy", f"{exc}; retry with the same idempotency key")
     if receipt.duplicate:
         return _receipt_response(receipt.update_id, not receipt.conflict, duplicate=True)
     return jsonify(update_id=receipt.update_id, status="buffered", duplicate=False, staleness=staleness,
-                   head_version=head_version), 202
+                   head_version=served[1]), 202
+
+
+def _too_many(waiting: int):
+    """429: this device already has a round's worth waiting; the client retries, nothing is lost."""
+    g.refusal = "too_many_waiting"
+    resp = jsonify(error=f"{waiting} updates of this device wait for the next round; retry later", status=429)
+    resp.status_code = 429
+    resp.headers["Retry-After"] = "5"
+    abort(resp)
+
+
+def _check_base(s, meta: dict, served: tuple[str, int]):
+    """The base head the update was computed on, and how many versions behind it is."""
+    package_version, head_version = served
+    cfg = current_app.config
+    if meta["base_package_version"] != package_version:
+        if s.store.package(meta["base_package_version"][:128]) is not None:
+            refuse(409, "stale_package", f"update was computed for package {meta['base_package_version']}; the server now "
+                                         f"serves {package_version}: pull the new model")
+        refuse(422, "unknown_base", f"unknown base package version {meta['base_package_version'][:128]!r}")
+    base = s.store.head(meta["base_head_version"])
+    if base is None or base.package_version != package_version:
+        refuse(422, "unknown_base", f"unknown base head version {meta['base_head_version']} for package {package_version}")
+    staleness = head_version - base.version
+    if staleness > cfg["MAX_STALENESS"]:
+        refuse(409, "too_stale", f"update is {staleness} head versions behind (limit {cfg['MAX_STALENESS']}): "
+                                 "pull the current head")
+    return base, staleness
+
+
+def _check_arrays(arrays: dict, base) -> np.ndarray:
+    """The update's layers as one flat float32 vector, exactly the head's arrays and shapes, all finite."""
+    try:
+        layers = wire.dict_to_layers(arrays, len(base.layers) // 2)
+    except wire.WireError as exc:
+        refuse(422, "arrays", str(exc))
+    parts = []
+    for name, arr, want in zip(wire.layer_names(len(base.layers) // 2), layers, base.layers):
+        if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
+            refuse(422, "arrays", f"{name} has dtype {arr.dtype}; send float32")
+        if arr.shape != want.shape:
+            refuse(422, "arrays", f"{name} has shape {arr.shape}; the head needs {want.shape}")
+        parts.append(arr.astype(np.float32, copy=False).ravel())
+    flat = np.concatenate(parts)
+    if not np.isfinite(flat).all():
+        refuse(422, "non_finite", "update holds NaN or infinite values")
+    return flat
 
 
 def _receipt_response(update_id: int, same_body: bool, duplicate: bool):
     if not same_body:
-        abort(409, "idempotency key already used for a different update")
+        refuse(409, "key_reused", "idempotency key already used for a different update")
     return jsonify(update_id=update_id, status="received", duplicate=duplicate), 200
 
 
@@ -244,12 +322,10 @@ def post_crops():
     serving = _served()
     limit = int(current_app.config["MAX_CROP_BYTES"])
     body = _read_body(limit)
+    meta, arrays = _decode(body, max_entries=4, max_inflated=limit * 4)
     try:
-        meta, arrays = wire.decode(body, max_entries=4, max_inflated=limit * 4)
         batch = crops.check_batch(meta, arrays, g.client.name, tuple(serving.manifest["input"]["size"]),
                                   list(serving.manifest["classes"]))
-    except wire.WireError as exc:
-        abort(400, str(exc))
     except crops.CropError as exc:
         abort(exc.status, str(exc))
     try:
@@ -287,6 +363,8 @@ def admin_publish():
         result = publish.publish(s.store, s.data_dir, folder, publish.gate_dirs(cfg), float(cfg["GATE_TOLERANCE"]), force)
     except publish.PublishError as exc:
         abort(exc.status, str(exc))
+    except RecursionError:
+        abort(422, "manifest.json is nested too deeply to be a package manifest")
     except StoreBusy as exc:
         abort(503, str(exc))
     finally:
@@ -321,15 +399,35 @@ def admin_status():
 @require("admin")
 def admin_aggregate():
     s = state()
-    body = request.get_json(silent=True) or {}
+    body = _json_object(_read_body(64 * 1024))
     min_updates = body.get("min_updates", 1)
-    if not isinstance(min_updates, int) or isinstance(min_updates, bool) or min_updates < 1:
+    if not isinstance(min_updates, int) or isinstance(min_updates, bool) or not 1 <= min_updates <= INT32_MAX:
         abort(400, "min_updates must be a positive integer")
-    result = s.aggregate(min_updates)
+    try:
+        result = s.aggregate(min_updates)
+    except HeadGateError as exc:
+        abort(503, str(exc))
     if result is None:
-        return jsonify(aggregated=False, reason=f"fewer than {min_updates} updates buffered for the served package")
-    return jsonify(aggregated=True, aggregation_id=result.aggregation_id, head_version=result.new_head_version,
-                   n_updates=result.n_updates, devices=result.devices, seconds=result.seconds)
+        return jsonify(aggregated=False, reason=f"fewer than {min_updates} devices have updates buffered for the served package")
+    out = dict(aggregated=True, served=result.served, aggregation_id=result.aggregation_id,
+               head_version=result.new_head_version, n_updates=result.n_updates, n_devices=len(result.devices),
+               devices=result.devices, seconds=result.seconds)
+    if "head_gate" in result.info:
+        out["head_gate"] = result.info["head_gate"]
+    return jsonify(out)
+
+
+def _json_object(raw: bytes) -> dict:
+    """An optional JSON object body: empty is ``{}``, anything else must parse as an object."""
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        abort(400, "body is not valid JSON")
+    if not isinstance(value, dict):
+        abort(400, "body must be a JSON object such as {\"min_updates\": 1}")
+    return value
 
 
 @bp.post("/admin/tracking/flush")

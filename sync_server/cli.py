@@ -160,9 +160,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         run_simple(args.host, args.port, create_app(), threaded=True)
         return 0
-    argv = [sys.executable, "-m", "gunicorn", "--workers", str(args.workers), "--worker-class", "gthread",
-            "--threads", str(args.threads), "--bind", f"{args.host}:{args.port}", "--timeout", "120",
-            "--graceful-timeout", "20", "--backlog", "2048"]
+    # sync_server.gunicorn_conf: the slow-client-safe gthread worker, timeouts, the metrics folder
+    argv = [sys.executable, "-m", "gunicorn", "--config", "python:sync_server.gunicorn_conf", "--workers", str(args.workers),
+            "--threads", str(args.threads), "--bind", f"{args.host}:{args.port}"]
     if args.access_log:
         argv += ["--access-logfile", "-"]
     argv.append("sync_server.wsgi:app")

@@ -18,6 +18,7 @@ from sqlalchemy import delete, func, insert, select
 from edge_runtime.consent import CROPS_FORMAT
 
 from . import store as st
+from .names import InvalidName, check_device_name, child_path
 
 MAX_CROPS_PER_BATCH = 512
 
@@ -113,20 +114,32 @@ def purge_client(store: st.Store, client_id: int) -> int:
         return int(conn.execute(delete(st.crops).where(st.crops.c.client_id == client_id)).rowcount or 0)
 
 
+def _file_stem(name: str, client_id: int) -> str:
+    """The device's name, or ``client-<id>`` for a name stored before names were checked."""
+    try:
+        return check_device_name(name)
+    except InvalidName:
+        return f"client-{client_id}"
+
+
 def export_folder(store: st.Store, out: Path, classes: list[str], device: str | None = None) -> int:
-    """Write ``out/<class>/<device>-<id>.png`` for every stored crop (of one device if given)."""
+    """Write ``out/<class>/<device>-<id>.png`` for every stored crop (of one device if given);
+    every path is checked to stay inside ``out``."""
     from PIL import Image
 
     q = select(st.crops.c.id, st.crops.c.label, st.crops.c.height, st.crops.c.width, st.crops.c.pixels,
-               st.clients.c.name).join(st.clients, st.clients.c.id == st.crops.c.client_id).order_by(st.crops.c.id)
+               st.crops.c.client_id, st.clients.c.name).join(st.clients, st.clients.c.id == st.crops.c.client_id).order_by(st.crops.c.id)
     n = 0
-    with store.read() as conn:
-        if device is not None:
-            q = q.where(st.crops.c.client_id == _client_id(conn, device))
-        for r in conn.execute(q):
-            folder = Path(out) / classes[r.label]
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = np.frombuffer(r.pixels, np.uint8).reshape(r.height, r.width)
-            Image.fromarray(pixels).save(folder / f"{r.name}-{r.id}.png")
-            n += 1
+    try:
+        with store.read() as conn:
+            if device is not None:
+                q = q.where(st.crops.c.client_id == _client_id(conn, check_device_name(device)))
+            for r in conn.execute(q):
+                path = child_path(Path(out), classes[r.label], f"{_file_stem(r.name, r.client_id)}-{r.id}.png")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pixels = np.frombuffer(r.pixels, np.uint8).reshape(r.height, r.width)
+                Image.fromarray(pixels).save(path)
+                n += 1
+    except InvalidName as exc:
+        raise st.StoreError(str(exc)) from None
     return n

@@ -21,6 +21,7 @@ from edge_runtime.head import HeadFormatError, OnlineHead
 from edge_runtime.package import MANIFEST, PackageError, open_package, sha256_file
 
 from . import store as st
+from .names import InvalidName, child_path
 
 GLOBAL_HEAD_PREFIX = "global-head-"
 
@@ -102,6 +103,11 @@ def promote_package(store: st.Store, data_dir: Path, package_dir: Path) -> dict:
 
     manifest_sha = sha256_file(package_dir / MANIFEST)
     files = [MANIFEST] + [entry["path"] for entry in m.files.values()]
+    for name in files:  # copied and served by name: each must stay inside the package folder
+        try:
+            child_path(package_dir, name)
+        except InvalidName as exc:
+            raise PromoteError(f"package {m.version}: {exc}") from None
     rel = Path("packages") / manifest_sha[:20]
     _copy_package(package_dir, files, Path(data_dir) / rel)
     if sha256_file(Path(data_dir) / rel / MANIFEST) != manifest_sha:

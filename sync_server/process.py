@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``infantino-server run`` (gunicorn, gthread workers) on 127.0.0.1, in its own process group."""
+    """``infantino-server run`` (gunicorn, guarded gthread workers) on 127.0.0.1, in its own process group."""
 
     def __init__(self, data_dir: Path, *, db_url: Optional[str] = None, mlflow_uri: str = "off", workers: int = 2,
                  aggregate_k: int = 1000, env: Optional[dict] = None, port: Optional[int] = None, threads: int = 8):

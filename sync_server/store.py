@@ -32,6 +32,8 @@ from sqlalchemy import (Column, bindparam, Float, ForeignKey, Index, Integer, La
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
+from .names import InvalidName, check_device_name
+
 metadata = MetaData()
 
 clients = Table(
@@ -90,6 +92,7 @@ updates = Table(
     Column("received_at", Float, nullable=False),
     UniqueConstraint("client_id", "idempotency_key", name="uq_update_key"),
     Index("ix_updates_status", "status", "id"),
+    Index("ix_updates_client_status", "client_id", "status"),  # how many a device has waiting (added later: create_all makes it)
 )
 
 # The arrays live apart from the small, often-updated ``updates`` rows: marking 10,000 updates
@@ -167,6 +170,8 @@ _Q_UPDATE_BY_KEY = select(updates.c.id, updates.c.body_sha256).where(
 _Q_UPDATES_BY_KEYS = select(updates.c.id, updates.c.client_id, updates.c.idempotency_key, updates.c.body_sha256).where(
     updates.c.idempotency_key.in_(bindparam("keys", expanding=True)))
 _Q_SERVING_VERSIONS = select(serving.c.package_version, serving.c.head_version).where(serving.c.id == 1)
+_Q_BUFFERED_OF_CLIENT = select(func.count()).select_from(updates).where(
+    updates.c.client_id == bindparam("cid"), updates.c.status == "buffered")
 
 
 class StoreError(RuntimeError):
@@ -310,6 +315,8 @@ class Store:
         for attempt in range(5):
             try:
                 metadata.create_all(self.engine)
+                for index in updates.indexes:  # indexes added to a table that already existed
+                    index.create(self.engine, checkfirst=True)
                 return
             except (OperationalError, IntegrityError, ProgrammingError):
                 if attempt == 4:
@@ -330,6 +337,11 @@ class Store:
         """Create a client and return its token (shown once, stored hashed)."""
         if kind not in ("device", "admin"):
             raise StoreError(f"unknown client kind {kind!r}")
+        if kind == "device":
+            try:
+                check_device_name(name)
+            except InvalidName as exc:
+                raise StoreError(str(exc)) from None
         token = f"ino_{secrets.token_urlsafe(32)}"
         try:
             with self.write() as conn:
@@ -339,15 +351,17 @@ class Store:
         return token
 
     def rotate_admin(self, name: str = "admin") -> str:
+        """Issue the admin token: the admin client is found by its kind, so a device that was
+        named ``admin`` before names were checked cannot take its place."""
         token = f"ino_{secrets.token_urlsafe(32)}"
         with self.write() as conn:
-            row = conn.execute(select(clients.c.id, clients.c.kind).where(clients.c.name == name)).first()
-            if row is None:
-                conn.execute(insert(clients).values(name=name, kind="admin", token_hash=hash_token(token), created_at=time.time()))
-            elif row.kind != "admin":
-                raise StoreError(f"{name!r} is a device, not an admin")
-            else:
+            row = conn.execute(select(clients.c.id).where(clients.c.kind == "admin").order_by(clients.c.id)).first()
+            if row is not None:
                 conn.execute(update(clients).where(clients.c.id == row.id).values(token_hash=hash_token(token), revoked_at=None))
+                return token
+            taken = conn.execute(select(clients.c.id).where(clients.c.name == name)).first() is not None
+            admin_name = f"{name}-{secrets.token_hex(3)}" if taken else name
+            conn.execute(insert(clients).values(name=admin_name, kind="admin", token_hash=hash_token(token), created_at=time.time()))
         return token
 
     def list_clients(self) -> list[dict]:
@@ -482,13 +496,34 @@ class Store:
             row = conn.execute(_Q_UPDATE_BY_KEY, {"cid": client_id, "key": key}).first()
         return None if row is None else (row.id, row.body_sha256)
 
-    def ingest_view(self, client_id: int, key: str) -> tuple[Optional[tuple[int, str]], Optional[tuple[str, int]]]:
-        """One read for an incoming update: (stored update with this key or None, (package, head version) served or None)."""
+    def ingest_view(self, client_id: int, key: str) -> tuple[Optional[tuple[int, str]], Optional[tuple[str, int]], int]:
+        """One read for an incoming update: (stored update with this key or None, (package, head version)
+        served or None, how many updates of this device wait in the buffer)."""
         with self.read() as conn:
             dup = conn.execute(_Q_UPDATE_BY_KEY, {"cid": client_id, "key": key}).first()
             srv = conn.execute(_Q_SERVING_VERSIONS).first()
+            waiting = 0 if dup is not None else int(conn.execute(_Q_BUFFERED_OF_CLIENT, {"cid": client_id}).scalar_one())
         return (None if dup is None else (dup.id, dup.body_sha256),
-                None if srv is None else (srv.package_version, int(srv.head_version)))
+                None if srv is None else (srv.package_version, int(srv.head_version)), waiting)
+
+    def recent_voice_norm(self, package_version: str, history: int = 20, conn: Optional[Connection] = None) -> Optional[float]:
+        """The median voice norm of the last ``history`` rounds that served a head on this package
+        (what honest devices' updates measure), or None before the first."""
+        q = (select(aggregations.c.info).where(aggregations.c.package_version == package_version,
+                                               aggregations.c.new_head_version != aggregations.c.base_head_version)
+             .order_by(aggregations.c.id.desc()).limit(history))
+        if conn is None:
+            with self.read() as c:
+                infos = c.execute(q).scalars().all()
+        else:
+            infos = conn.execute(q).scalars().all()
+        norms = []
+        for raw in infos:
+            info = json.loads(raw)
+            value = info.get("voice_norm_median", info.get("delta_norm_median"))
+            if isinstance(value, (int, float)) and value > 0:
+                norms.append(float(value))
+        return float(np.median(norms)) if norms else None
 
     def counts(self) -> dict[str, int]:
         with self.read() as conn:
@@ -508,12 +543,41 @@ class Store:
             return conn.execute(select(updates.c.id).where(updates.c.status == "buffered").order_by(updates.c.status, updates.c.id)
                                 .offset(max(0, k - 1)).limit(1)).first() is not None
 
+    def buffered_devices(self) -> int:
+        """How many devices have at least one update buffered (a round needs K of them)."""
+        with self.read() as conn:
+            return int(conn.execute(select(func.count(func.distinct(updates.c.client_id)))
+                                    .where(updates.c.status == "buffered")).scalar_one())
+
     def buffered_count(self, package_version: Optional[str] = None) -> int:
         q = select(func.count()).select_from(updates).where(updates.c.status == "buffered")
         if package_version is not None:
             q = q.where(updates.c.package_version == package_version)
         with self.read() as conn:
             return int(conn.execute(q).scalar_one())
+
+    def metrics_view(self) -> dict:
+        """What ``GET /metrics`` reports about the durable state, in one read."""
+        refused = aggregations.c.new_head_version == aggregations.c.base_head_version
+        with self.read() as conn:
+            by_status = {s: int(n) for s, n in conn.execute(select(updates.c.status, func.count()).group_by(updates.c.status))}
+            waiting = int(conn.execute(select(func.count(func.distinct(updates.c.client_id)))
+                                       .where(updates.c.status == "buffered")).scalar_one())
+            rounds = {"refused" if r else "served": int(n)
+                      for r, n in conn.execute(select(refused, func.count()).group_by(refused))}
+            gate_rows = {d: int(n) for d, n in conn.execute(select(gates.c.decision, func.count()).group_by(gates.c.decision))}
+            revoked = clients.c.revoked_at.is_not(None)
+            devices = {"revoked" if r else "active": int(n) for r, n in conn.execute(
+                select(revoked, func.count()).where(clients.c.kind == "device").group_by(revoked))}
+            srv = conn.execute(_Q_SERVING_VERSIONS).first()
+            pending = conn.execute(select(func.count(), func.min(outbox.c.id), func.min(outbox.c.created_at))
+                                   .where(outbox.c.done_at.is_(None))).first()
+            error = None if pending[1] is None else conn.execute(
+                select(outbox.c.last_error).where(outbox.c.id == pending[1])).scalar_one_or_none()
+        return {"updates": by_status, "buffered_devices": waiting, "rounds": {"served": 0, "refused": 0, **rounds},
+                "package_gates": gate_rows, "devices": {"active": 0, "revoked": 0, **devices},
+                "serving": None if srv is None else (srv.package_version, int(srv.head_version)),
+                "outbox": {"pending": int(pending[0]), "oldest": pending[2], "last_error": error}}
 
     # ------------------------------------------------------------ outbox and leases
     def acquire_lease(self, name: str, owner: str, seconds: float) -> bool:

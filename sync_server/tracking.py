@@ -8,7 +8,9 @@ process talk to MLflow at a time) turns each row into MLflow records, in order:
   version of the registered model ``infantino-extractor`` and one of ``infantino-head``
   (the bootstrap head);
 * ``aggregation``: a run in ``infantino-federated`` (strategy, K, devices, staleness,
-  metrics, the new head's arrays as an artifact) and a version of ``infantino-head``.
+  metrics, the new head's arrays as an artifact) and a version of ``infantino-head``; a round
+  the head gate refused is a run tagged ``decision=refused`` with both accuracies
+  (``head_gate.*``) and no head version.
 
 After a pass that logged something the ``production`` alias of both registered models is
 set to what the store serves; an alias moved by hand in MLflow is applied with
@@ -293,6 +295,7 @@ class Tracker:
         info = json.loads(agg["info"])
         devices = json.loads(agg["devices"])
         strategy = json.loads(agg["strategy"])
+        served = agg["new_head_version"] != agg["base_head_version"]
         if not run.data.params:
             params = {f"strategy.{k}": v for k, v in strategy.items()}
             params.update(k=agg["k"], package_version=agg["package_version"], base_head_version=agg["base_head_version"],
@@ -300,9 +303,16 @@ class Tracker:
             ts = int(agg["created_at"] * 1000)
             metrics = _numeric(info)
             metrics["n_devices"] = float(len(devices))
+            metrics.update({f"head_gate.{k}": v for k, v in _numeric(info.get("head_gate") or {}).items()})
             client.log_batch(rid, metrics=[Metric(k, v, ts, 0) for k, v in metrics.items()],
-                             params=[Param(k, str(v)) for k, v in params.items()])
+                             params=[Param(k, str(v)) for k, v in params.items()], tags=_gate_tags(info, served))
             client.set_tag(rid, "devices", ",".join(devices)[:4900])
+        if not served:  # the head gate refused the candidate: nothing new to register, the alias stays
+            if not client.list_artifacts(rid, "aggregation"):
+                summary = {**agg, "info": info, "devices": devices, "strategy": strategy, "update_ids": json.loads(agg["update_ids"])}
+                self._log_blob(rid, "aggregation", "aggregation.json", json.dumps(summary, indent=1).encode())
+            client.set_terminated(rid, end_time=int(time.time() * 1000))
+            return
         if not client.list_artifacts(rid, "head"):
             with self.store.read() as conn:
                 blob = conn.execute(select(st.heads.c.blob).where(st.heads.c.version == agg["new_head_version"])).scalar_one()
@@ -348,6 +358,18 @@ class Tracker:
     def status(self) -> dict:
         pending = self.store.pending_outbox(1000)
         return {"pending": len(pending), "last_error": self.last_error or (pending[0]["last_error"] if pending else None)}
+
+
+def _gate_tags(info: dict, served: bool) -> list:
+    """``decision`` (served/refused) and, when a head gate judged, ``head_gate`` and its ``reason``."""
+    from mlflow.entities import RunTag
+
+    tags = [RunTag("decision", "served" if served else "refused")]
+    gate = info.get("head_gate")
+    if gate:
+        tags += [RunTag("head_gate", "passed" if gate.get("passed") else "failed"),
+                 RunTag("reason", str(gate.get("reason", ""))[:4900])]
+    return tags
 
 
 def _set_names(paths: list[str]) -> list[str]:

@@ -14,6 +14,7 @@ from edge_runtime import wire
 from edge_runtime.head import OnlineHead
 from server_helpers import make_update
 from sync_server import create_app
+from sync_server.aggregate import Strategy
 from sync_server.models import promote_package
 
 
@@ -192,7 +193,8 @@ def test_update_for_a_replaced_package_is_refused(app, client, tokens, tmp_path)
     assert client.get("/v1/model", headers=auth(tokens["cam1"])).json["package_version"] == "tiny-2"
 
 
-def test_on_demand_aggregation_moves_the_head_by_the_weighted_mean(app, client, tokens):
+def test_on_demand_aggregation_moves_the_head_by_one_voice_per_device(app, client, tokens):
+    app.extensions["infantino"].strategy = Strategy(rule="fedavg", clip_norm=None)  # the plain mean, to check exact numbers
     info, head = model(client, tokens["cam1"])
     etag = client.get("/v1/model", headers=auth(tokens["cam1"])).headers["ETag"]
     w = head.weights()
@@ -201,35 +203,37 @@ def test_on_demand_aggregation_moves_the_head_by_the_weighted_mean(app, client, 
         assert client.post("/v1/updates", data=body, headers=auth(tokens[dev])).status_code == 202
     delta_body = make_update(info, [np.zeros_like(a) for a in w], "cam1", shift=0.0, n_samples=4, kind="delta")
     assert client.post("/v1/updates", data=delta_body, headers=auth(tokens["cam1"])).status_code == 202
-    r = client.post("/v1/admin/aggregate", json={"min_updates": 4}, headers=auth(tokens["admin"]))
-    assert r.json == {"aggregated": False, "reason": "fewer than 4 updates buffered for the served package"}
+    r = client.post("/v1/admin/aggregate", json={"min_updates": 3}, headers=auth(tokens["admin"]))
+    assert r.json == {"aggregated": False, "reason": "fewer than 3 devices have updates buffered for the served package"}
     r = client.post("/v1/admin/aggregate", json={}, headers=auth(tokens["admin"]))
-    assert r.status_code == 200 and r.json["aggregated"] and r.json["n_updates"] == 3
+    assert r.status_code == 200 and r.json["aggregated"] and r.json["n_updates"] == 3 and r.json["n_devices"] == 2
     new_info, new_head = model(client, tokens["cam1"])
     assert new_info["head_version"] == info["head_version"] + 1 == new_head.version
     assert client.get("/v1/model", headers={**auth(tokens["cam1"]), "If-None-Match": etag}).status_code == 200
-    expected = (0.01 * 1 + 0.05 * 3 + 0.0 * 4) / 8
+    # cam1's two updates are one voice (0.01 + 0.0, 1 + 4 labels), cam2 is the other (0.05, 3 labels)
+    expected = (0.01 * 5 + 0.05 * 3) / 8
     for a, b in zip(new_head.weights(), w):
         np.testing.assert_allclose(a - b, expected, atol=1e-5)
     status = client.get("/v1/admin/status", headers=auth(tokens["admin"])).json
     assert status["updates"] == {"aggregated": 3} and status["serving"]["head_version"] == new_info["head_version"]
 
 
-def test_k_buffered_updates_trigger_a_step_in_the_background(tmp_path, tiny_package_dir):
+def test_k_devices_with_buffered_updates_trigger_a_step_in_the_background(tmp_path, tiny_package_dir):
     app = create_app({"DATA_DIR": str(tmp_path / "bg"), "MLFLOW_URI": "off", "BACKGROUND": True, "AGGREGATE_K": 3})
     s = app.extensions["infantino"]
     promote_package(s.store, s.data_dir, tiny_package_dir)
-    token = s.store.add_client("cam1")
+    tokens = {name: s.store.add_client(name) for name in ("cam1", "cam2", "cam3")}
     client = app.test_client()
-    info, head = model(client, token)
-    for _ in range(2):
-        client.post("/v1/updates", data=make_update(info, head.weights(), "cam1"), headers=auth(token))
-    time.sleep(0.3)
-    assert s.store.serving().head_version == info["head_version"]  # K not reached
-    client.post("/v1/updates", data=make_update(info, head.weights(), "cam1"), headers=auth(token))
+    info, head = model(client, tokens["cam1"])
+    for _ in range(4):  # one token alone never makes a round, however much it posts
+        client.post("/v1/updates", data=make_update(info, head.weights(), "cam1"), headers=auth(tokens["cam1"]))
+    client.post("/v1/updates", data=make_update(info, head.weights(), "cam2"), headers=auth(tokens["cam2"]))
+    time.sleep(0.5)
+    assert s.store.serving().head_version == info["head_version"]  # K = 3 devices not reached
+    client.post("/v1/updates", data=make_update(info, head.weights(), "cam3"), headers=auth(tokens["cam3"]))
     deadline = time.monotonic() + 10
     while s.store.serving().head_version == info["head_version"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert s.store.serving().head_version == info["head_version"] + 1
-    assert s.store.counts() == {"aggregated": 3}
+    assert s.store.counts() == {"aggregated": 6}
     s.close()

@@ -61,7 +61,8 @@ def test_every_round_and_model_is_recorded_in_mlflow(tracked):
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert set(runs) == {f"aggregation-{first.aggregation_id}", f"aggregation-{second.aggregation_id}"}
     run = runs[f"aggregation-{first.aggregation_id}"]
-    assert run.data.params["strategy.rule"] == "fedavg" and run.data.params["strategy.staleness"] == "sqrt"
+    assert run.data.params["strategy.rule"] == "trimmed_mean" and run.data.params["strategy.staleness"] == "sqrt"
+    assert run.data.tags["decision"] == "served"
     assert run.data.params["new_head_version"] == str(first.new_head_version)
     assert run.data.metrics["n_updates"] == 3 and run.data.metrics["n_devices"] == 2
     assert run.data.tags["devices"] == "cam1,cam2"
@@ -153,7 +154,7 @@ def test_a_hanging_mlflow_blocks_neither_updates_nor_aggregation(tmp_path, tiny_
     s = app.extensions["infantino"]
     try:
         promote_package(s.store, s.data_dir, tiny_package_dir)
-        token = s.store.add_client("cam1")
+        tokens = {name: s.store.add_client(name) for name in ("cam1", "cam2", "cam3")}  # K = 3 devices
         app.test_client().get("/v1/health")  # starts the background threads
         deadline = time.monotonic() + 10
         while not held and time.monotonic() < deadline:
@@ -161,7 +162,8 @@ def test_a_hanging_mlflow_blocks_neither_updates_nor_aggregation(tmp_path, tiny_
         assert held, "the tracker never tried MLflow"
         # Execute: while the tracker hangs on MLflow
         t0 = time.monotonic()
-        info = _post_updates(app, token, "cam1", 3)
+        for name, token in tokens.items():
+            info = _post_updates(app, token, name, 1)
         while s.store.serving().head_version == info["head_version"] and time.monotonic() - t0 < 10:
             time.sleep(0.05)
         # Assert

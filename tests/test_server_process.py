@@ -85,21 +85,21 @@ def test_revoked_device_is_refused_by_a_running_server(tmp_path, tiny_package_di
 
 
 def test_server_killed_mid_aggregation_restarts_with_nothing_lost_or_doubled(tmp_path, tiny_package_dir):
-    # Prepare: K = 4, and a fault that holds the aggregation transaction open
+    # Prepare: K = 4 devices, and a fault that holds the aggregation transaction open
     data = tmp_path / "data"
     data.mkdir()
     url = f"sqlite:///{data / 'server.db'}"
     store = st.Store(url)
     store.create_all()
     promote_package(store, data, tiny_package_dir)
-    token = store.add_client("cam-k")
+    tokens = {f"cam-k{i}": store.add_client(f"cam-k{i}") for i in range(4)}
+    token = tokens["cam-k0"]
     server = ServerProcess(data, aggregate_k=4, env={"INFANTINO_FAULT_AGGREGATE_PAUSE_S": "60"}).start()
     try:
-        http = Http(server.url, token)
-        info, head = _get_model(http)
+        info, head = _get_model(Http(server.url, token))
         ids = []
-        for i in range(4):
-            r = http.request("POST", "/v1/updates", body=make_update(info, head.weights(), "cam-k", shift=0.01))
+        for name, device_token in tokens.items():
+            r = Http(server.url, device_token).request("POST", "/v1/updates", body=make_update(info, head.weights(), name, shift=0.01))
             assert r.status == 202
             ids.append(r.json()["update_id"])
         deadline = time.monotonic() + 30
@@ -120,7 +120,7 @@ def test_server_killed_mid_aggregation_restarts_with_nothing_lost_or_doubled(tmp
                 break
             time.sleep(0.1)
         retry = Http(again.url, token).request("POST", "/v1/updates",
-                                              body=make_update(info, head.weights(), "cam-k", key="never-sent-before"))
+                                              body=make_update(info, head.weights(), "cam-k0", key="never-sent-before"))
     assert store.serving().head_version == info["head_version"] + 1
     assert store.counts() == {"aggregated": 4, "buffered": 1}
     assert retry.status == 202 and retry.json()["staleness"] == 1

@@ -18,7 +18,10 @@ from server_helpers import BACKENDS, REPO, store_url_for
 from sync_server import store as st
 from sync_server.aggregate import Strategy
 from sync_server.models import PromoteError, promote_package
-from sync_server.rounds import aggregate_once
+from sync_server.rounds import RoundPolicy, aggregate_once
+
+PLAIN = Strategy(rule="fedavg", clip_norm=None, staleness="none")  # the plain weighted mean, to check exact numbers
+NO_CAP = RoundPolicy(label_burst=1e9, clip_cap_factor=0.0)  # no label cap, no clip cap from past rounds
 
 
 @pytest.fixture(params=BACKENDS)
@@ -113,7 +116,7 @@ def test_concurrent_aggregators_count_every_update_exactly_once(served):
     def aggregate(s):
         try:
             while not stop.is_set():
-                aggregate_once(s, Strategy(staleness="none"), min_updates=3)
+                aggregate_once(s, PLAIN, min_updates=3, policy=NO_CAP)
                 time.sleep(0.005)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
@@ -128,7 +131,7 @@ def test_concurrent_aggregators_count_every_update_exactly_once(served):
     stop.set()
     for t in aggs:
         t.join()
-    aggregate_once(store, Strategy(staleness="none"), min_updates=1)
+    aggregate_once(store, PLAIN, min_updates=1, policy=NO_CAP)
     # Assert
     assert not errors, errors
     assert len(inserted) == 60 and len(set(inserted)) == 60
@@ -141,9 +144,16 @@ def test_concurrent_aggregators_count_every_update_exactly_once(served):
     assert all(s == "aggregated" and a is not None for s, a in statuses)
     # the heads form one chain: every aggregation stepped from the previous head
     assert [v.parent_version for v in versions[1:]] == [v.version for v in versions[:-1]]
-    # every delta was 0.001 per weight, undiscounted and averaged: each step moves by exactly 0.001
+    # every delta was 0.001 per weight, undiscounted; a device's c updates in a step are one voice of
+    # 0.001 c weighing 5 c labels, so each step moves by exactly 0.001 * sum(c^2) / sum(c)
+    with store.read() as conn:
+        owner = dict(conn.execute(select(st.updates.c.id, st.updates.c.client_id)).all())
+    expected = 0.0
+    for r in rows:
+        per_device = np.bincount([owner[uid] for uid in json.loads(r.update_ids)])
+        expected += 0.001 * float((per_device ** 2).sum()) / float(per_device.sum())
     final = store.head(store.serving().head_version)
-    np.testing.assert_allclose(final.flat - base.flat, 0.001 * len(rows), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(final.flat - base.flat, expected, rtol=1e-3, atol=1e-5)
     for s in stores[1:]:
         s.dispose()
 
