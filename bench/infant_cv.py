@@ -64,7 +64,11 @@ def variant_specs(short: Path, full: Path) -> dict[str, tuple[PreprocessSpec, Pa
         "haar": (replace(DEFAULT_SPEC, detect_coarse_side=160), None),  # the device path before BlazeFace
         "bf_short_m25": (bf, short),
         "bf_short_m25_align": (replace(bf, align_eyes=True), short),
+        "bf_short_m00_align": (replace(bf, align_eyes=True, face_margin=0.0), short),
+        "bf_short_m05_align": (replace(bf, align_eyes=True, face_margin=0.05), short),
         "bf_short_m10_align": (replace(bf, align_eyes=True, face_margin=0.10), short),
+        "bf_short_m10": (replace(bf, face_margin=0.10), short),
+        "bf_short_m15_align": (replace(bf, align_eyes=True, face_margin=0.15), short),
         "bf_short_m40_align": (replace(bf, align_eyes=True, face_margin=0.40), short),
         "bf_full_m25_align": (replace(bf, face_detector="blazeface-full_range", align_eyes=True), full),
     }
@@ -141,13 +145,21 @@ def run(args: argparse.Namespace) -> dict:
     detectors = ensure_detectors(work)
     variants = variant_specs(*detectors)
     peer = _peer()
-    crops, found, peer_probs = crop_all(photos, variants, peer)
+    crops, found, peer_probs = cached_crops(work, photos, variants, peer)
     base = Path(args.package)
     fer_pix, fer_y = fer_sample(Path(args.data) / "fer2013" / "fer2013_train.npz", args.fer_per_class, args.seed)
-    rows: dict[str, list[dict]] = {}
+    rows_file = work / "rows.json"  # every scored fold, kept so that a killed run resumes (--resume)
+    rows: dict[str, list[dict]] = json.loads(rows_file.read_text()) if args.resume and rows_file.is_file() else {}
 
     def add(name: str, fold: int, y: np.ndarray, probs: np.ndarray) -> None:
-        rows.setdefault(name, []).append({"fold": fold, **scores(y, probs)})
+        rows[name] = [r for r in rows.get(name, []) if r["fold"] != fold] + [{"fold": fold, **scores(y, probs)}]
+        rows_file.write_text(json.dumps(rows))
+
+    def report() -> dict:
+        summary = summarize_rows(rows, found, args)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot(summary, out / "infant_cv.png")
+        return summary
 
     base_head = OnlineHead.load(open_package(base).path("head"))
     for name in variants:  # the face-finding choices, each with the adult package's own head
@@ -175,59 +187,75 @@ def run(args: argparse.Namespace) -> dict:
     if peer is not None:
         for k in range(args.folds):
             add("peer: fer 25.10 (mini-Xception, its Haar crop)", k, photos.labels[folds == k], peer_probs[folds == k])
+    report()
     if args.finetune:
-        finetune_rows(args, photos, folds, crops[args.choose], variants[args.choose], fer_pix, fer_y, work, add)
-    summary = summarize_rows(rows, found, peer_probs, args)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot(summary, out / "infant_cv.png")
+        done = {r["fold"] for r in rows.get(f"{args.choose} + fine-tuned extractor | head fit FER+infant", [])}
+        for k in args.finetune_folds or range(args.folds):
+            if k not in done:
+                finetune_fold(args, k, photos, folds, crops[args.choose], variants[args.choose], fer_pix, fer_y, work, add)
+                report()
+    summary = report()
     print_table(summary)
     return summary
 
 
-def finetune_rows(args, photos: Photos, folds: np.ndarray, crops: np.ndarray, variant, fer_pix, fer_y, work: Path, add) -> None:
-    """Per fold: fine-tune the extractor on FER + the workstation folds' crops, build its package, score."""
+def cached_crops(work: Path, photos: Photos, variants: dict, peer) -> tuple[dict, dict, np.ndarray]:
+    """``crop_all``, kept in the scratch folder (outside the repository) between runs of the same photos."""
+    key = hashlib.sha256(json.dumps([[str(p) for p in photos.paths], sorted(variants)]).encode()).hexdigest()[:16]
+    path = work / f"crops-{key}.npz"
+    if path.is_file():
+        with np.load(path) as d:
+            return ({n: d[f"crops_{n}"] for n in variants}, {n: d[f"found_{n}"] for n in variants}, d["peer"])
+    crops, found, peer_probs = crop_all(photos, variants, peer)
+    work.mkdir(parents=True, exist_ok=True)
+    np.savez(path, peer=peer_probs, **{f"crops_{n}": c for n, c in crops.items()}, **{f"found_{n}": f for n, f in found.items()})
+    return crops, found, peer_probs
+
+
+def finetune_fold(args, k: int, photos: Photos, folds: np.ndarray, crops: np.ndarray, variant, fer_pix, fer_y, work: Path,
+                  add) -> None:
+    """Fold k: fine-tune the extractor on FER + the workstation folds' crops, build its package, score."""
     from PIL import Image
 
     from export.package_builder import BuildOptions, build_package
     from export.train import TrainConfig, train
 
     spec, det = variant
-    for k in range(args.folds):
-        test, dev_fold = folds == k, folds == (k + 1) % args.folds
-        ws = np.flatnonzero(~test & ~dev_fold)
-        fold_dir = work / f"fold{k}"
-        shutil.rmtree(fold_dir, ignore_errors=True)
-        for i in ws:
-            d = fold_dir / "crops" / CLASSES[photos.labels[i]]
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(crops[i]).save(d / f"{i:04d}.png")
-        overrides = {k2: v for k2, v in spec.to_dict().items() if k2 in ("face_margin", "align_eyes", "fallback", "detector_score")}
-        train(TrainConfig(fer=str(Path(args.data) / "fer2013" / "fer2013_train.npz"), out=str(fold_dir / "run"),
-                          images=[str(fold_dir / "crops")], images_repeat=args.ft_repeat, init_from=args.package,
-                          epochs=args.ft_epochs, lr=args.ft_lr, max_steps_per_epoch=args.ft_steps, limit=args.fer_limit,
-                          detector=str(det), preprocess=overrides, seed=args.seed))
-        pkg = fold_dir / "package"
-        build_package(BuildOptions(checkpoint=str(fold_dir / "run" / "checkpoint.pt"), out=str(pkg),
-                                   fer=str(Path(args.data) / "fer2013" / "fer2013_train.npz"), force=True,
-                                   head_images=None), log=lambda *_: None)
-        fold_head = OnlineHead.load(open_package(pkg).path("head"))
-        for flip in (False, True):
-            tag = f"{args.choose}{'+flip' if flip else ''} + fine-tuned extractor"
-            emb, fer_emb = embed(pkg, crops, flip), embed(pkg, fer_pix, flip)
-            add(f"{tag} | package head", k, photos.labels[test], fold_head.predict_proba(emb[test]))
-            head = fit_head(fer_emb, fer_y, emb[ws], photos.labels[ws], args.head_repeat, args.head_iter)
-            add(f"{tag} | head fit FER+infant", k, photos.labels[test], head.predict_proba(emb[test]))
-            streamed = stream(pkg, head, emb[dev_fold], photos.labels[dev_fold], args.seed + k, work / "state")
-            add(f"{tag} | head fit + device stream", k, photos.labels[test], streamed.predict_proba(emb[test]))
-        print(f"fold {k}: fine-tuned and scored", flush=True)
+    test, dev_fold = folds == k, folds == (k + 1) % args.folds
+    ws = np.flatnonzero(~test & ~dev_fold)
+    fold_dir = work / f"fold{k}"
+    shutil.rmtree(fold_dir, ignore_errors=True)
+    for i in ws:
+        d = fold_dir / "crops" / CLASSES[photos.labels[i]]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(crops[i]).save(d / f"{i:04d}.png")
+    overrides = {k2: v for k2, v in spec.to_dict().items() if k2 in ("face_margin", "align_eyes", "fallback", "detector_score")}
+    train(TrainConfig(fer=str(Path(args.data) / "fer2013" / "fer2013_train.npz"), out=str(fold_dir / "run"),
+                      images=[str(fold_dir / "crops")], images_repeat=args.ft_repeat, init_from=args.package,
+                      epochs=args.ft_epochs, lr=args.ft_lr, max_steps_per_epoch=args.ft_steps, limit=args.fer_limit,
+                      detector=str(det), preprocess=overrides, seed=args.seed, threads=args.threads))
+    pkg = fold_dir / "package"
+    build_package(BuildOptions(checkpoint=str(fold_dir / "run" / "checkpoint.pt"), out=str(pkg),
+                               fer=str(Path(args.data) / "fer2013" / "fer2013_train.npz"), force=True,
+                               head_images=None), log=lambda *_: None)
+    fold_head = OnlineHead.load(open_package(pkg).path("head"))
+    for flip in (False, True):
+        tag = f"{args.choose}{'+flip' if flip else ''} + fine-tuned extractor"
+        emb, fer_emb = embed(pkg, crops, flip), embed(pkg, fer_pix, flip)
+        add(f"{tag} | package head", k, photos.labels[test], fold_head.predict_proba(emb[test]))
+        head = fit_head(fer_emb, fer_y, emb[ws], photos.labels[ws], args.head_repeat, args.head_iter)
+        add(f"{tag} | head fit FER+infant", k, photos.labels[test], head.predict_proba(emb[test]))
+        streamed = stream(pkg, head, emb[dev_fold], photos.labels[dev_fold], args.seed + k, work / "state")
+        add(f"{tag} | head fit + device stream", k, photos.labels[test], streamed.predict_proba(emb[test]))
+    print(f"fold {k}: fine-tuned and scored", flush=True)
 
 
-def summarize_rows(rows: dict[str, list[dict]], found: dict[str, np.ndarray], peer_probs: np.ndarray, args) -> dict:
+def summarize_rows(rows: dict[str, list[dict]], found: dict[str, np.ndarray], args) -> dict:
     table = {}
     for name, rs in rows.items():
         table[name] = {m: {"mean": float(np.mean([r[m] for r in rs])), "std": float(np.std([r[m] for r in rs]))}
                        for m in ("accuracy", "macro_f1", "valence")}
-        table[name]["folds"] = rs
+        table[name]["folds"] = sorted(rs, key=lambda r: r["fold"])
     return {"protocol": {"folds": args.folds, "seed": args.seed, "per_class": args.per_class, "n_photos": int(len(next(iter(found.values())))),
                          "test": "fold k", "device_stream": "fold k+1", "workstation": "the other folds",
                          "valence": "negative: angry disgust fear sad; positive: happy; neutral: neutral surprise",
@@ -301,6 +329,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ft-repeat", type=int, default=10)
     p.add_argument("--ft-lr", type=float, default=5e-4)
     p.add_argument("--fer-limit", type=int, default=None)
+    p.add_argument("--finetune-folds", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="fine-tune only these folds, e.g. 0,1 (default: all)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for fine-tuning")
+    p.add_argument("--resume", action="store_true", help="keep the folds already scored in --work")
     p.add_argument("--quick", action="store_true", help="CI size")
     args = p.parse_args(argv)
     if args.quick:

