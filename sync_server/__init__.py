@@ -90,7 +90,7 @@ class ServerState:
         self.policy = RoundPolicy(label_burst=float(config["LABEL_BURST"]), labels_per_hour=float(config["LABELS_PER_HOUR"]),
                                   clip_cap_factor=float(config["CLIP_CAP_FACTOR"]))
         self.head_gate = self._head_gate(config)
-        self._bound_cache: dict[str, tuple[float, float]] = {}
+        self._bound_cache: dict[tuple[str, int], float] = {}
         self.tracker = None
         if self.mlflow_uri:
             from .tracking import Tracker
@@ -113,15 +113,16 @@ class ServerState:
 
         return HeadGate(self.store, self.data_dir, dirs[0], float(config["HEAD_GATE_TOLERANCE"]))
 
-    def ingest_bound(self, package_version: str) -> float:
-        """The L2 bound for incoming updates (``aggregate.ingest_bound``), re-read at most every 5 s."""
-        now = time.monotonic()
-        cached = self._bound_cache.get(package_version)
-        if cached is None or now - cached[1] > 5.0:
+    def ingest_bound(self, package_version: str, last_round: int) -> float:
+        """The L2 bound for incoming updates (``aggregate.ingest_bound``), re-read from the store only
+        when a round happened since (in any worker)."""
+        key = (package_version, int(last_round))
+        bound = self._bound_cache.get(key)
+        if bound is None:
             reference = self.store.recent_voice_norm(package_version, self.policy.history)
             bound = ingest_bound(float(self.config["MAX_DELTA_NORM"]), reference, float(self.config["NORM_BOUND_FACTOR"]))
-            cached = self._bound_cache[package_version] = (bound, now)
-        return cached[0]
+            self._bound_cache = {key: bound}
+        return bound
 
     # ------------------------------------------------------------ aggregation
     def aggregate(self, min_updates: int):
@@ -137,7 +138,6 @@ class ServerState:
                                 max_updates=int(self.config["AGGREGATE_MAX_BATCH"]),
                                 fault_pause_s=float(self.config["FAULT_AGGREGATE_PAUSE_S"]),
                                 policy=self.policy, judge=self.head_gate)
-        self._bound_cache.clear()
         if result is not None:
             if self.tracker is not None:
                 self.tracker.kick()

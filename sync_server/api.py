@@ -227,20 +227,21 @@ def post_update():
                                     f"{meta['device'][:64]!r}")
     digest = hashlib.sha256(body).hexdigest()
     try:
-        existing, served, waiting = s.store.ingest_view(client.id, meta["idempotency_key"])
+        view = s.store.ingest_view(client.id, meta["idempotency_key"])
     except StoreBusy as exc:
         refuse(503, "busy", str(exc))
-    if existing is not None:
-        return _receipt_response(existing[0], existing[1] == digest, duplicate=True)
+    if view.existing is not None:
+        return _receipt_response(view.existing[0], view.existing[1] == digest, duplicate=True)
+    served = view.served
     if served is None:
         refuse(503, "not_serving", "no model has been promoted yet (infantino-server promote PACKAGE_DIR)")
-    if waiting >= int(cfg["MAX_BUFFERED_PER_DEVICE"]):
-        _too_many(waiting)
+    if view.waiting >= int(cfg["MAX_BUFFERED_PER_DEVICE"]):
+        _too_many(view.waiting)
     base, staleness = _check_base(s, meta, served)
     flat = _check_arrays(arrays, base)
     delta = flat - base.flat if meta["kind"] == "weights" else flat
     norm = float(np.linalg.norm(delta))
-    bound = s.ingest_bound(base.package_version)
+    bound = s.ingest_bound(base.package_version, view.last_round)
     if not math.isfinite(norm) or norm > bound:
         refuse(422, "norm_bound", f"update moves the head by {norm:.4g} (L2), beyond the bound {bound:.4g}")
     record = UpdateRecord(

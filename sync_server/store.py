@@ -244,6 +244,14 @@ class UpdateRecord:
 
 
 @dataclass(frozen=True)
+class IngestView:
+    existing: Optional[tuple[int, str]]  # (update id, body sha256) stored under this idempotency key
+    served: Optional[tuple[str, int]]  # (package version, head version)
+    waiting: int  # this device's buffered updates
+    last_round: int  # id of the newest aggregation (0: none yet)
+
+
+@dataclass(frozen=True)
 class Receipt:
     update_id: int
     duplicate: bool
@@ -496,15 +504,16 @@ class Store:
             row = conn.execute(_Q_UPDATE_BY_KEY, {"cid": client_id, "key": key}).first()
         return None if row is None else (row.id, row.body_sha256)
 
-    def ingest_view(self, client_id: int, key: str) -> tuple[Optional[tuple[int, str]], Optional[tuple[str, int]], int]:
-        """One read for an incoming update: (stored update with this key or None, (package, head version)
-        served or None, how many updates of this device wait in the buffer)."""
+    def ingest_view(self, client_id: int, key: str) -> "IngestView":
+        """One read for an incoming update: the stored update with this key, what is served, how many
+        updates of this device wait, and the newest round (to know when the norm bound moved)."""
         with self.read() as conn:
             dup = conn.execute(_Q_UPDATE_BY_KEY, {"cid": client_id, "key": key}).first()
             srv = conn.execute(_Q_SERVING_VERSIONS).first()
             waiting = 0 if dup is not None else int(conn.execute(_Q_BUFFERED_OF_CLIENT, {"cid": client_id}).scalar_one())
-        return (None if dup is None else (dup.id, dup.body_sha256),
-                None if srv is None else (srv.package_version, int(srv.head_version)), waiting)
+            last_round = conn.execute(select(func.max(aggregations.c.id))).scalar()
+        return IngestView(None if dup is None else (dup.id, dup.body_sha256),
+                          None if srv is None else (srv.package_version, int(srv.head_version)), waiting, int(last_round or 0))
 
     def recent_voice_norm(self, package_version: str, history: int = 20, conn: Optional[Connection] = None) -> Optional[float]:
         """The median voice norm of the last ``history`` rounds that served a head on this package

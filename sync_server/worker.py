@@ -86,6 +86,15 @@ class GuardedThreadWorker(ThreadWorker):
         self.keepalived_conns.remove(conn)
         self._read_head(conn, conn.parser.unreader.take_buffered() if conn.parser is not None else b"")
 
+    def finish_request(self, conn, fs):
+        """A kept-alive connection whose next request is already buffered (pipelined) goes on at once:
+        its socket will not become readable for it."""
+        super().finish_request(conn, fs)
+        parser = getattr(conn, "parser", None)
+        if (self._guarded() and parser is not None and hasattr(parser, "unreader")
+                and parser.unreader.buf.getbuffer().nbytes and conn in self.keepalived_conns):
+            self.on_client_socket_readable(conn, conn.sock)
+
     def _read_head(self, conn, pending: bytes) -> None:
         conn.infantino_buf = bytearray(pending)
         conn.sock.setblocking(False)

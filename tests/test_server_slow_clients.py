@@ -102,3 +102,21 @@ def test_health_and_updates_answer_within_a_second_while_60_clients_send_headers
     assert len(closed) >= SLOW_HEADERS * 0.9  # the server hung up on them after HEAD_TIMEOUT_S ...
     assert all(HEAD_TIMEOUT_S - 1 <= c - started <= HEAD_TIMEOUT_S + 2.5 for c in closed)  # ... not before
     assert server.store.counts() == {"buffered": 5}
+
+
+def test_keep_alive_and_pipelined_requests_are_served(server):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.process.port, timeout=5)
+    for pause in (0.0, 0.5, 1.5):  # the same connection, idle in the event loop in between
+        time.sleep(pause)
+        conn.request("GET", "/v1/health")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read()
+    conn.close()
+    with socket.create_connection(("127.0.0.1", server.process.port), timeout=5) as s:
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.count(b"HTTP/1.1 200") == 2
