@@ -13,6 +13,7 @@ checksummed snapshot.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -21,21 +22,22 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
-from .annotation_queue import DEFAULT_MAX_ITEMS, AnnotationQueue
+from .annotation_queue import DEFAULT_MAX_ITEMS, AnnotationQueue, QueueError
 from .consent import CropOutbox, record_consent
 from .extractor import DEFAULT_THREADS, Extractor
 from .head import HeadFormatError, OnlineHead
 from .package import ModelPackage, PackageError, open_package
 from .facefinder import FaceFinder, uses_blazeface
-from .preprocess import ImageError, ImageSource, PreprocessSpec, Prepared, face_tensor, prepare
+from .preprocess import ImageError, ImageSource, PreprocessSpec, Prepared, face_tensor, has_contrast, prepare, require_contrast
 from .replay import HoldoutSet, ReplayBuffer
 from .samples import SampleKeeper
-from .state import StateError, StateStore
+from .state import StateConflict, StateError, StateStore
+from .state_lock import StateLock
 from .uncertainty import DEFAULT_THRESHOLD, Uncertainty
 
 STATE_FORMAT = "infantino-device-state/1"
@@ -155,7 +157,8 @@ Learnable = Union[ImageSource, Prediction]
 
 
 class Device:
-    """A model package plus a state folder; thread-safe (one lock around state changes)."""
+    """A model package plus a state folder; thread- and process-safe: each state change holds the
+    folder's writer lock and starts from its newest snapshot (``change``, state_lock.py)."""
 
     def __init__(self, model_dir: str | os.PathLike | None = None, state_dir: str | os.PathLike | None = None,
                  config: DeviceConfig = DeviceConfig(), *, session: Any = None):
@@ -173,6 +176,11 @@ class Device:
         self.dim = manifest.embedding_dim
         self.state_dir = Path(state_dir if state_dir is not None else default_state_dir())
         self.store = StateStore(self.state_dir, keep=config.keep_generations)
+        self._writer = StateLock.of(self.state_dir)  # one writer per state folder, across processes (state_lock.py)
+        self._seen_generation = 0  # the newest snapshot this object loaded or wrote
+        self._saved_counters: dict[str, int] = {}  # the counters as that snapshot has them
+        self._dirty = False  # changed since that snapshot (beyond prediction counts)
+        self._pending_crops: list[tuple[np.ndarray, int]] = []  # consented crops, queued once their label is saved
         self.queue = AnnotationQueue(self.state_dir / "queue", config.queue_max, self.classes)
         # face crops of learned labels, re-embedded by sync when a new extractor arrives (sync_client)
         self.samples = SampleKeeper(self.state_dir, per_class=config.replay_per_class, n_classes=len(self.classes), seed=config.seed)
@@ -231,17 +239,26 @@ class Device:
         self.learned_queue_ids: list[str] = []
 
     def _load_state(self) -> None:
-        self._fresh_state()
-        snap = self.store.load()
-        if snap is None:
-            return
+        """The newest snapshot, read under the folder's writer lock (never half of another process's save)."""
+        with self._lock, self._writer.hold():
+            self._fresh_state()
+            self._saved_counters = dict(self.counters)
+            snap = self.store.load()
+            if snap is None:
+                return
+            self._seen_generation = snap.generation
+            if snap.meta.get("format") == STATE_FORMAT and snap.meta.get("package_version") != self.package.version:
+                log.warning("state was learned on model package %s, this is %s: starting from the new package's head",
+                            snap.meta.get("package_version"), self.package.version)
+                return
+            self._apply_snapshot(snap)
+            self.samples.reload()
+
+    def _apply_snapshot(self, snap: Any) -> None:
+        """Head, buffers, counters and queue bookkeeping from one verified snapshot of this package."""
         meta = snap.meta
         if meta.get("format") != STATE_FORMAT:
             raise StateError(f"{snap.path.name}: unknown state format {meta.get('format')!r}")
-        if meta.get("package_version") != self.package.version:
-            log.warning("state was learned on model package %s, this is %s: starting from the new package's head",
-                        meta.get("package_version"), self.package.version)
-            return
         try:
             head = OnlineHead.from_bytes(snap.arrays["head_npz"].tobytes())
             replay = ReplayBuffer.from_arrays(snap.arrays)
@@ -257,8 +274,59 @@ class Device:
             self.anchor_weights = anchor
         self.head, self.replay, self.holdout = head, replay, holdout
         self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
+        self._saved_counters = dict(self.counters)
         self.learned_queue_ids = [str(i) for i in meta.get("learned_queue_ids", [])]
-        self.generation = snap.generation
+        self.generation = self._seen_generation = snap.generation
+        self._dirty = False
+
+    def _stale(self) -> bool:
+        """Another process (or another ``Device`` object) saved this folder since this object last read or wrote it."""
+        return self.store.latest_generation() > self._seen_generation
+
+    def refresh(self) -> bool:
+        """Load the newest snapshot when another process saved one since; True if it did.
+
+        Cheap when nothing changed (a folder listing). Prediction counts made since the last
+        save are kept. A device with unsaved learning (``autosave`` off) keeps it and does
+        not reload; its next change or ``save`` refuses with ``StateConflict``.
+        """
+        if not self._stale():
+            return False
+        with self._lock, self._writer.hold():
+            if self._dirty:
+                return False
+            return self._reload()
+
+    def _reload(self) -> bool:
+        """Under the writer lock: the newest snapshot, plus this object's unsaved prediction counts."""
+        snap = self.store.load()
+        if snap is None or snap.generation <= self._seen_generation:
+            return False
+        if snap.meta.get("package_version") != self.package.version:
+            raise StateConflict(f"another process moved {self.state_dir} to model package {snap.meta.get('package_version')} "
+                                f"(this device runs {self.package.version}): reopen the device")
+        unsaved = {k: self.counters.get(k, 0) - self._saved_counters.get(k, 0) for k in ("predictions", "queued")}
+        self._apply_snapshot(snap)
+        for k, n in unsaved.items():
+            self.counters[k] = self.counters.get(k, 0) + n
+        self.samples.reload()
+        return True
+
+    @contextlib.contextmanager
+    def change(self) -> Iterator[None]:
+        """One read-modify-write of the state: the folder's writer lock for the change only, with this
+        object at the newest snapshot first, so no process saves over another's labels (state_lock.py).
+
+        A camera loop or a page learns through ``learn`` / ``resolve`` / ``adopt_head``, which
+        use this; code that changes the state itself wraps the change and its ``save`` in it.
+        """
+        with self._lock, self._writer.hold():
+            if self._stale():
+                if self._dirty:
+                    raise StateConflict(f"another process saved {self.state_dir} while this device held unsaved changes "
+                                        "(autosave off): they cannot be merged, reopen the device")
+                self._reload()
+            yield
 
     def _meta(self) -> dict[str, Any]:
         return {
@@ -268,14 +336,21 @@ class Device:
         }
 
     def save(self) -> int:
-        """Write the whole state as the next snapshot generation (atomic, checksummed)."""
-        with self._lock:
+        """Write the whole state as the next snapshot generation (atomic, checksummed), then the kept
+        crops, then queue the consented crops of the labels it holds: never a crop for a label the
+        state could still lose. Refuses (``StateConflict``) to write unsaved changes over a snapshot
+        another process saved meanwhile."""
+        with self.change():
             arrays = {"head_npz": np.frombuffer(self.head.to_bytes(), np.uint8), **self.replay.to_arrays(), **self.holdout.to_arrays(),
                       **{f"anchor_{i}": a for i, a in enumerate(self.anchor_weights)}}
-            self.generation = self.store.save(arrays, self._meta())
+            self.generation = self._seen_generation = self.store.save(arrays, self._meta())
+            self._saved_counters, self._dirty = dict(self.counters), False
             if self._samples_dirty:
                 self.samples.save()
                 self._samples_dirty = False
+            pending, self._pending_crops = self._pending_crops, []
+            for crop, y in pending:
+                self.outbox.add(crop, y)  # only while consent is recorded (checked at each add)
             return self.generation
 
     def status(self) -> dict[str, Any]:
@@ -329,6 +404,7 @@ class Device:
         if not preps:
             return []
         emb = self.extractor(np.concatenate([p.tensor for p in preps]))
+        self.refresh()  # predict with the head another process (sync, the page) may have saved since
         with self._lock:
             probs = self.head.predict_proba(emb)
             out = []
@@ -338,7 +414,7 @@ class Device:
                 idx = int(np.argmax(p))
                 pred = Prediction(self.classes[idx], idx, p, u.score, u.entropy, u.margin, prep.face_found,
                                   tuple(int(v) for v in prep.box), key, None, e, self.classes)
-                if enqueue and u.score >= self.config.uncertainty_threshold and self._queue_open():
+                if enqueue and u.score >= self.config.uncertainty_threshold and self._queue_open() and has_contrast(prep.crop):
                     pred.queued_id = self.queue.add(prep.crop, predicted=pred.label, uncertainty=u.score, probabilities=p.tolist(),
                                                     face_found=prep.face_found, source=_source_name(image), frame_key=key)
                     if pred.queued_id is not None:
@@ -360,16 +436,20 @@ class Device:
 
     def embed(self, image: ImageSource) -> np.ndarray:
         """The embedding of one frame (from the cache when it was just predicted)."""
+        return self._embedded(image).embedding
+
+    def _embedded(self, image: ImageSource) -> _Cached:
+        """Embedding and crop of one frame, from the recent-frame cache or computed (and cached)."""
         key = self._key(image)
         with self._lock:
             hit = self._cache.get(key)
         if hit is not None:
-            return hit.embedding
+            return hit
         prep = self.prepare(image)
-        e = self.extractor(prep.tensor)[0]
+        entry = _Cached(self.extractor(prep.tensor)[0], prep.crop, prep.face_found)
         with self._lock:
-            self._remember(key, _Cached(e, prep.crop, prep.face_found))
-        return e
+            self._remember(key, entry)
+        return entry
 
     # ---------------------------------------------------------------- learn
     def label_index(self, label: str | int) -> int:
@@ -379,12 +459,20 @@ class Device:
             return int(label)
         raise InputError(f"unknown label {label!r}; expected one of {', '.join(self.classes)}")
 
-    def _embedding_of(self, item: Learnable | np.ndarray) -> np.ndarray:
-        if isinstance(item, Prediction):
-            return self._check_embedding(item.embedding)
+    def _learnable(self, item: Learnable | np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """(embedding, face crop or None) of what a caregiver labelled; a blank crop is refused."""
         if isinstance(item, np.ndarray) and item.ndim == 1:
-            return self._check_embedding(item)
-        return self.embed(item)
+            return self._check_embedding(item), None
+        if isinstance(item, Prediction):
+            with self._lock:
+                hit = self._cache.get(item.frame_key)
+            x, crop = self._check_embedding(item.embedding), hit.crop if hit is not None else None
+        else:
+            hit = self._embedded(item)
+            x, crop = hit.embedding, hit.crop
+        if crop is not None:
+            require_contrast(crop)
+        return x, crop
 
     def _check_embedding(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
@@ -398,24 +486,21 @@ class Device:
         """One guarded update from a caregiver's label of a frame (path, bytes, PIL, array),
         a ``Prediction`` or a 1-D embedding. Saves the state unless ``autosave`` is off."""
         y = self.label_index(label)
-        x = self._embedding_of(item)
-        with self._lock:
+        x, crop = self._learnable(item)  # decode and embed outside the writer lock
+        with self.change():
             result = self._update(x, y)
-            if result.updated or result.held_out:
-                self._keep_crop(item, y)
+            if crop is not None and (result.updated or result.held_out):
+                self._keep_crop(crop, y)
             if self.config.autosave if save is None else save:
                 self.save()
             return result
 
-    def _keep_crop(self, item: Learnable | np.ndarray, y: int) -> None:
-        """Keep the face crop of a learned frame (from the recent-frame cache) for re-embedding."""
-        if isinstance(item, np.ndarray) and item.ndim == 1:
-            return
-        hit = self._cache.get(item.frame_key if isinstance(item, Prediction) else self._key(item))
-        if hit is not None:
-            self.samples.add(hit.crop, y, save=False)  # written with the next snapshot (save())
-            self._samples_dirty = True
-            self.outbox.add(hit.crop, y)
+    def _keep_crop(self, crop: np.ndarray, y: int) -> None:
+        """Keep the face crop of a learned frame: for re-embedding (written with the next snapshot)
+        and, with consent, for upload (queued right after that snapshot, see ``save``)."""
+        self.samples.add(crop, y, save=False)
+        self._samples_dirty = True
+        self._pending_crops.append((crop, y))
 
     def _rng(self) -> np.random.Generator:
         """Seeded by the label count, so a restarted device draws the same replay as one that never stopped."""
@@ -423,6 +508,7 @@ class Device:
 
     def _update(self, x: np.ndarray, y: int) -> LearnResult:
         c = self.config
+        self._dirty = True
         self.counters["labels"] += 1
         rng = self._rng()
         held = bool(c.holdout_every and c.holdout_per_class and self.counters["labels"] % c.holdout_every == 0)
@@ -465,19 +551,28 @@ class Device:
     def resolve(self, item_id: str, label: str) -> LearnResult | None:
         """A caregiver labels a queued frame: learn it once; None if it was already labelled."""
         self.label_index(label)
-        with self._lock:
+        with self.change():  # label file, learning and snapshot as one change: no other process learns it too
+            self._refuse_blank_queued(item_id)
             _, first = self.queue.resolve(item_id, label)
             if not first:  # labelled before (a second caregiver, a retried request): counted once
                 return None
             return self._learn_queued(item_id, label)
 
+    def _refuse_blank_queued(self, item_id: str) -> None:
+        """A blank queued crop (queued before blank frames were kept out) is refused before its label is recorded."""
+        try:
+            crop = self.queue.crop(item_id)
+        except QueueError:
+            return  # unknown, or learned already (a tombstone): resolve says which
+        require_contrast(crop, "queued face crop")
+
     def _learn_queued(self, item_id: str, label: str) -> LearnResult:
         crop = self.queue.crop(item_id)
+        y = self.label_index(label)
         emb = self.extractor(face_tensor(crop, self.spec))[0]
-        result = self._update(emb, self.label_index(label))
+        result = self._update(emb, y)
         if result.updated or result.held_out:
-            self.samples.add(crop, self.label_index(label), save=False)
-            self._samples_dirty = True
+            self._keep_crop(crop, y)
         self.counters["from_queue"] += 1
         self.learned_queue_ids = (self.learned_queue_ids + [item_id])[-100:]
         self.save()
@@ -486,21 +581,34 @@ class Device:
 
     def _learn_resolved_queue(self) -> None:
         """Labels given just before a crash: learn those the saved state has not seen yet."""
-        for item in self.queue.resolved():
-            if item.id in self.learned_queue_ids:
-                self.queue.remove(item.id, keep_label=True)
-            else:
-                self._learn_queued(item.id, str(item.label))
+        with self.change():
+            for item in self.queue.resolved():
+                if item.id in self.learned_queue_ids:
+                    self.queue.remove(item.id, keep_label=True)
+                elif not has_contrast(self.queue.crop(item.id)):
+                    log.warning("queued frame %s is blank: dropped without learning", item.id)
+                    self.queue.remove(item.id, keep_label=True)
+                else:
+                    self._learn_queued(item.id, str(item.label))
+
+    def dismiss(self, item_id: str) -> bool:
+        """"Not a face": the frame leaves the queue unlearned; False if it was labelled already."""
+        with self.change():
+            if self.queue.get(item_id).label is not None:  # QueueError for an unknown id
+                return False
+            self.queue.remove(item_id)
+            return True
 
     # ---------------------------------------------------------------- sync
     def adopt_head(self, head: OnlineHead) -> None:
         """Replace the head (e.g. a refreshed one from the sync server); replay and holdout stay."""
         if head.classes != self.classes or head.input_dim != self.dim:
             raise InputError("head does not match this package's classes or embedding size")
-        with self._lock:
+        with self.change():
             self.head = head
             self.anchor_weights = [w.copy() for w in head.weights()]  # learning now stays close to the adopted head
             self.counters["adopted"] += 1
+            self._dirty = True
             if self.config.autosave:
                 self.save()
 

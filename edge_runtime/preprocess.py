@@ -18,9 +18,26 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 
-# A frame larger than this is refused before its pixels are decoded (decompression bomb).
-MAX_PIXELS = 50_000_000
+# Memory. A device runs in 150 MB RSS, ~100 MB of it the running device (ONNX Runtime, the
+# package, the detector), so one decode may use DECODE_MEMORY. Decoding peaks at about
+# DECODE_BYTES_PER_PIXEL bytes per decoded pixel (Pillow's 4-byte RGB(A) buffer, alpha
+# compositing, the gray and numpy copies; measured up to 11 for RGBA PNG), which sets MAX_PIXELS
+# (4.6 MP):
+# a larger file is refused before its pixels are decoded (decompression bomb). A JPEG is
+# decoded reduced first (Pillow's ``draft``: the DCT scales 1/2, 1/4, 1/8) to the smallest
+# size whose longer side keeps DECODE_SIDE px; detection looks at <= 320 px and a face crop
+# ends at 64 px, so nothing a detector can find is lost (a face Haar finds is >= 6 % of the
+# frame: >= 77 px at 1280).
+DEVICE_MEMORY = 150 * 2**20
+DECODE_MEMORY = 48 * 2**20
+DECODE_BYTES_PER_PIXEL = 11
+MAX_PIXELS = DECODE_MEMORY // DECODE_BYTES_PER_PIXEL
+MAX_ARRAY_PIXELS = 50_000_000  # a camera frame handed over as an array is in memory already: only absurd sizes are refused
+DECODE_SIDE = 1280
 MAX_BYTES = 64 * 1024 * 1024
+# A face crop with less contrast than this (std of its gray levels) is blank: a covered lens, a
+# flat frame, a misdecoded file. Real crops: infant photos >= 19, FER faces >= 9 (bar 11 blank ones).
+MIN_CROP_STD = 3.0
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 if TYPE_CHECKING:
@@ -86,10 +103,13 @@ class FaceCrop:
 
 
 def _flatten_alpha(img: Image.Image) -> Image.Image:
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+    """Composite transparency on white: one RGB buffer pasted through the alpha (the same pixels as
+    ``Image.alpha_composite``, 55 instead of 79 MB for 5 MP)."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img if img.mode in ("RGBA", "LA") else img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba)
+        return background
     return img
 
 
@@ -109,8 +129,63 @@ def _open(source: ImageSource) -> Image.Image:
     return Image.open(io.BytesIO(path.read_bytes()))
 
 
-def _decode_pil(source: ImageSource) -> Image.Image:
-    """Open and fully decode one image, upright (EXIF) and with alpha composited on white.
+def draft_scale(width: int, height: int) -> int:
+    """The JPEG DCT reduction (1, 2, 4 or 8) to decode at: the longer side keeps ``DECODE_SIDE``
+    px, and more reduction when the frame would still exceed ``MAX_PIXELS``."""
+    scale = 1
+    while scale < 8 and max(width, height) // (scale * 2) >= DECODE_SIDE:
+        scale *= 2
+    while scale < 8 and -(-width // scale) * -(-height // scale) > MAX_PIXELS:
+        scale *= 2
+    return scale
+
+
+def _reduce_jpeg(img: Image.Image, mode: str) -> None:
+    """Decode a large JPEG reduced (and straight to gray for ``mode`` "L"): 7000x7000 peaks at
+    ~30 MB instead of ~400 MB. Small JPEGs and other formats are left as they are."""
+    if img.format != "JPEG":
+        return
+    w, h = img.size
+    scale = draft_scale(w, h)
+    if scale > 1:
+        img.draft(mode, (w // scale, h // scale))
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    """Pixels of any depth as uint8 gray levels, without clipping them to white or black.
+
+    uint8 as is; 16-bit by its depth (the high byte); float in [0, 1] x 255; other values in [0, 255]
+    as is; anything else (wider ints, floats of other ranges) stretched by its own range.
+    """
+    if a.dtype == np.uint8:
+        return a
+    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating) or not np.all(np.isfinite(a)):
+        raise ImageError("frame holds non-finite or non-numeric values")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if a.dtype == np.uint16 or (np.issubdtype(a.dtype, np.integer) and lo >= 0 and 255 < hi <= 65535):
+        return np.right_shift(a.astype(np.uint16, copy=False), 8).astype(np.uint8)
+    if np.issubdtype(a.dtype, np.floating) and lo >= 0 and hi <= 1.0:
+        return np.clip(a * 255.0, 0, 255).round().astype(np.uint8)
+    if lo >= 0 and hi <= 255:
+        return np.asarray(a).round().astype(np.uint8)
+    span = hi - lo
+    return np.zeros(a.shape, np.uint8) if span <= 0 else ((a.astype(np.float64) - lo) * (255.0 / span)).round().astype(np.uint8)
+
+
+_DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit and float images as 8-bit gray (Pillow's own ``convert("L")`` clips them to 0/255:
+    a 16-bit PNG became a white frame, a float TIFF a black one)."""
+    if img.mode not in _DEEP_MODES:
+        return img
+    return Image.fromarray(_to_uint8(np.asarray(img)), "L")
+
+
+def _decode_pil(source: ImageSource, mode: str = "L") -> Image.Image:
+    """Open and fully decode one image for ``mode`` ("L" or "RGB"): reduced when it is a large
+    JPEG, 8-bit, upright (EXIF) and with alpha composited on white.
 
     Refuses truncated files and decompression bombs with an ``ImageError`` instead of a
     traceback; both ``decode_gray`` and ``decode_rgb`` go through here.
@@ -118,27 +193,28 @@ def _decode_pil(source: ImageSource) -> Image.Image:
     name = Path(source).name if isinstance(source, (str, os.PathLike)) else "image"
     try:
         img = _open(source)
+        _reduce_jpeg(img, mode)
         w, h = img.size
         if w * h > MAX_PIXELS:
-            raise ImageError(f"{name}: {w}x{h} pixels is over the {MAX_PIXELS} pixel limit")
+            raise ImageError(f"{name}: {w}x{h} pixels is over the {MAX_PIXELS} pixel limit (a {DECODE_MEMORY >> 20} MB decode budget)")
         if w < 1 or h < 1:
             raise ImageError(f"{name}: empty image")
         img.load()
-        img = ImageOps.exif_transpose(img)
+        img = _eight_bit(ImageOps.exif_transpose(img))
         return _flatten_alpha(img)
     except ImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise ImageError(f"{name}: not a readable image ({exc.__class__.__name__})") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{name}: corrupt or truncated image ({str(exc).splitlines()[0]})") from exc
+    except (OSError, SyntaxError, ValueError, TypeError) as exc:
+        raise ImageError(f"{name}: corrupt, truncated or unsupported image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
 
 
 def decode_gray(source: ImageSource) -> np.ndarray:
     """Decode a path, bytes, PIL image or array into a uint8 grayscale (H, W) array."""
     if isinstance(source, np.ndarray):
         return array_to_gray(source)
-    return np.asarray(_decode_pil(source).convert("L"), dtype=np.uint8)
+    return np.asarray(_decode_pil(source, "L").convert("L"), dtype=np.uint8)
 
 
 def decode_rgb(source: ImageSource) -> np.ndarray:
@@ -149,7 +225,25 @@ def decode_rgb(source: ImageSource) -> np.ndarray:
         if a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8:
             return np.ascontiguousarray(a)
         return np.repeat(array_to_gray(a)[:, :, None], 3, axis=2)
-    return np.asarray(_decode_pil(source).convert("RGB"), dtype=np.uint8)
+    return np.asarray(_decode_pil(source, "RGB").convert("RGB"), dtype=np.uint8)
+
+
+def contrast_of(pixels: np.ndarray) -> float:
+    """Standard deviation of a crop's gray levels."""
+    return float(np.asarray(pixels, np.float32).std()) if np.size(pixels) else 0.0
+
+
+def has_contrast(pixels: np.ndarray) -> bool:
+    """Whether a crop could be a face at all (``MIN_CROP_STD``): blank frames are neither queued nor learned."""
+    return contrast_of(pixels) >= MIN_CROP_STD
+
+
+def require_contrast(pixels: np.ndarray, what: str = "face crop") -> None:
+    """Refuse a blank or near-constant crop (``MIN_CROP_STD``): learning from it teaches the
+    head that a flat frame is an expression, and a consented upload would share it."""
+    std = contrast_of(pixels)
+    if std < MIN_CROP_STD:
+        raise ImageError(f"the {what} is blank or nearly uniform (contrast {std:.1f} < {MIN_CROP_STD:g} gray levels): nothing learned")
 
 
 def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
@@ -158,17 +252,14 @@ def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
 
 
 def array_to_gray(frame: np.ndarray) -> np.ndarray:
-    """A camera frame (H, W), (H, W, 3) RGB or (H, W, 4) RGBA, uint8 or float in [0, 1]."""
+    """A camera frame (H, W), (H, W, 3) RGB or (H, W, 4) RGBA: uint8, 16-bit, or float in
+    [0, 1] (other ranges are scaled by their own, see ``_to_uint8``)."""
     a = np.asarray(frame)
     if a.ndim not in (2, 3) or a.size == 0 or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
         raise ImageError(f"frame of shape {a.shape} is not (H, W), (H, W, 3) or (H, W, 4)")
-    if a.shape[0] * a.shape[1] > MAX_PIXELS:
+    if a.shape[0] * a.shape[1] > MAX_ARRAY_PIXELS:
         raise ImageError(f"frame of {a.shape[1]}x{a.shape[0]} pixels is over the pixel limit")
-    if a.dtype != np.uint8:
-        if not np.issubdtype(a.dtype, np.number) or not np.all(np.isfinite(a)):
-            raise ImageError("frame holds non-finite or non-numeric values")
-        scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0
-        a = np.clip(a * scale, 0, 255).round().astype(np.uint8)
+    a = _to_uint8(a)
     if a.ndim == 2:
         return np.ascontiguousarray(a)
     if a.shape[2] == 1:

@@ -33,8 +33,13 @@ class SampleKeeper:
         self.per_class = per_class
         self.n_classes = n_classes
         self.rng = np.random.default_rng(seed)
-        self.crops: list[list[np.ndarray]] = [[] for _ in range(n_classes)]
-        self.seen = np.zeros(n_classes, np.int64)
+        self.reload()
+
+    def reload(self) -> None:
+        """Read ``samples.npz`` again (another process may have written it; the device calls this
+        under the state folder's writer lock, with the snapshot)."""
+        self.crops: list[list[np.ndarray]] = [[] for _ in range(self.n_classes)]
+        self.seen = np.zeros(self.n_classes, np.int64)
         if self.path.exists():
             self._load()
 

@@ -7,7 +7,8 @@ with a buffer from another is impossible. Each file is written atomically (temp 
 fsync, rename, fsync the folder) and starts with a sha256 of its payload; loading takes
 the newest file whose checksum holds and warns about (and sets aside) any that do not.
 The previous ``keep - 1`` generations stay as fallbacks. ``state.json`` mirrors the
-counters and versions for people and tools; the snapshot is what counts.
+counters and versions for people and tools; the snapshot is what counts. Writes take the
+folder's writer lock (``state_lock``), the one a ``Device`` holds around each whole change.
 
 Payload: an ``.npz`` of plain arrays plus a ``meta`` JSON string, read with
 ``allow_pickle=False``.
@@ -15,7 +16,6 @@ Payload: an ``.npz`` of plain arrays plus a ``meta`` JSON string, read with
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -24,11 +24,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from .atomic import atomic_write_bytes, atomic_write_text
+from .state_lock import StateLock
 
 MAGIC = b"INFANTINO-STATE/1\n"
 _NAME = re.compile(r"^snapshot-(\d{10})\.bin$")
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 
 class StateError(ValueError):
     """A state file that is not a valid snapshot (torn, tampered or foreign)."""
+
+
+class StateConflict(StateError):
+    """Another process saved the state folder in a way this object cannot follow (unsaved changes of its
+    own, another package); nothing was written, reopen the device."""
 
 
 @dataclass
@@ -94,16 +100,14 @@ class StateStore:
         found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _NAME.match(p.name))]
         return sorted(found, reverse=True)
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        """Serialise writers across processes (a CLI ``learn`` next to a running device)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / ".lock", "a+b") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def latest_generation(self) -> int:
+        """The newest generation on disk (0: none); a folder listing, cheap enough to ask before every change."""
+        gens = self.generations()
+        return gens[0][0] if gens else 0
+
+    def _lock(self) -> contextlib.AbstractContextManager:
+        """The folder's writer lock (``state_lock``): re-entrant, so a ``Device`` change that saves holds it once."""
+        return StateLock.of(self.folder).hold()
 
     # ---------------------------------------------------------------- read
     def load(self) -> Snapshot | None:

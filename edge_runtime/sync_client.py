@@ -225,6 +225,9 @@ class Learner(Protocol):
         """Local numbers to report with an update."""
 
     # optional: ``crop_outbox() -> Optional[CropOutbox]``, the consented-crops outbox (None: never shares)
+    # optional: ``change()``, a context manager holding the state folder's writer lock with the learner at
+    # its newest snapshot (``Device.change``): snapshot and merge run inside it, so a caregiver page or
+    # ``learn`` in another process neither loses its labels to the merge nor has them undone by an upload
 
 
 # --------------------------------------------------------------------------- merge policy
@@ -466,9 +469,21 @@ class Syncer:
         self.state.write_base(RefPoint(1, [np.asarray(a, np.float32) for a in head.weights()], int(boot),
                                        str(info["package_version"]), 0))
 
+    def _change(self) -> contextlib.AbstractContextManager:
+        """The learner's state change (its writer lock, newest snapshot loaded), when it has one."""
+        change = getattr(self.learner, "change", None)
+        return change() if change is not None else contextlib.nullcontext()
+
     # ------------------------------------------------------------ 1. snapshot
     def snapshot(self) -> bool:
-        """Queue the learning since the last reference point; False when there is none."""
+        """Queue the learning since the last reference point; False when there is none.
+
+        Under the learner's writer lock, on its newest snapshot: the delta is measured from the
+        head as saved (labels another process learned included), never from a stale copy."""
+        with self._change():
+            return self._snapshot()
+
+    def _snapshot(self) -> bool:
         ref = self.state.reference()
         if ref is None:
             return False  # never adopted a global head: the first pull sets the reference
@@ -574,6 +589,22 @@ class Syncer:
         head = self._download_head(info)
         if head.input_dim != int(info["embedding_dim"]):
             raise SyncError(f"global head takes {head.input_dim}-d embeddings, the package makes {info['embedding_dim']}-d ones")
+        with self._change():  # downloads above, outside the lock; the merge is one state change
+            merged, replay = self._merge(package_dir, head, have_package, head_version, package_version, report)
+        self.state.save_cached(etag=resp.headers.get("ETag"), package_version=package_version, head_version=head_version,
+                               synced_at=time.time())
+        report.package_changed = not have_package
+        report.head_changed = True
+        report.package_version, report.head_version = package_version, head_version
+        report.replayed = 0 if replay is None else len(replay[1])
+
+    def _merge(self, package_dir: Path, head: OnlineHead, have_package: bool, head_version: int, package_version: str,
+               report: SyncReport) -> tuple[OnlineHead, Optional[tuple[np.ndarray, np.ndarray]]]:
+        """Adopt ``head`` + replay the local samples, install, move the reference (the learner's lock held).
+
+        Labels learned in another process since this sync's snapshot are queued as one more
+        update first: the adoption replaces the head they moved, and they would never go up."""
+        report.queued = self._snapshot() or report.queued
         replay = self.learner.replay_set(package_dir)
         if replay is not None and len(replay[1]) == 0:
             replay = None
@@ -589,12 +620,7 @@ class Syncer:
         seq = self.state.next_seq()
         self.state.write_base(RefPoint(seq, [np.asarray(a, np.float32) for a in merged.weights()], head_version,
                                        package_version, self.learner.labelled_total()))
-        self.state.save_cached(etag=resp.headers.get("ETag"), package_version=package_version, head_version=head_version,
-                               synced_at=time.time())
-        report.package_changed = not have_package
-        report.head_changed = True
-        report.package_version, report.head_version = package_version, head_version
-        report.replayed = 0 if replay is None else len(replay[1])
+        return merged, replay
 
     def _download_package(self, info: dict) -> Path:
         files = info["files"]
@@ -693,6 +719,10 @@ class DeviceLearner:
 
     def learn(self, item, label, **kwargs):
         return self.device.learn(item, label, **kwargs)
+
+    def change(self) -> contextlib.AbstractContextManager:
+        """The device's state change: its folder's writer lock, the newest snapshot loaded."""
+        return self.device.change()
 
     # ------------------------------------------------------------ Learner protocol
     def head(self) -> OnlineHead:

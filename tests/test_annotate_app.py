@@ -11,6 +11,8 @@ from edge_helpers import face, open_device
 
 from edge_runtime.annotate import create_app
 
+TOKEN = "kX3v-9Qe_t2LmZ8wRb"  # 18 characters: long enough for a page beyond loopback
+
 
 @pytest.fixture()
 def device(tiny_package_dir, tmp_path):
@@ -141,15 +143,15 @@ def test_posts_without_the_csrf_token_or_from_another_site_are_refused(app, devi
 def test_a_public_bind_needs_a_token(device):
     with pytest.raises(ValueError, match="token"):
         create_app(device, host="0.0.0.0")
-    app = create_app(device, host="0.0.0.0", token="4711-secret")
+    app = create_app(device, host="0.0.0.0", token=TOKEN)
     client = app.test_client()
     assert client.get("/").status_code == 401
     assert client.get("/api/state").status_code == 401
     assert client.get("/?token=wrong").status_code == 401
     item_id = device.queue.items()[0].id
     assert client.get(f"/crop/{item_id}.png").status_code == 401
-    assert client.get("/api/state", headers={"Authorization": "Bearer 4711-secret"}).status_code == 200
-    login = client.get("/?token=4711-secret")
+    assert client.get("/api/state", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    login = client.get(f"/?token={TOKEN}")
     assert login.status_code == 302 and "token" not in login.headers["Location"]
     assert client.get("/api/state").status_code == 200  # the session cookie now carries it
     assert app.test_client().get("/api/state").status_code == 401

@@ -69,3 +69,71 @@ def test_kill_9_during_learn_and_save_never_breaks_the_state(tiny_package_dir, t
     device = open_device(tiny_package_dir, state)
     device.save()
     assert not list(state.glob("*.tmp")) and not list(state.glob(".*.tmp"))
+
+
+CONSENTING_LEARNER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import numpy as np
+    from edge_helpers import face, open_device
+
+    device = open_device({package!r}, {state!r}, share_crops=True)
+    while True:
+        i = device.counters["labels"]  # the frame's number is written into its first pixels
+        y = i % 7
+        frame = face(y, seed=i)
+        frame[0, :4] = np.frombuffer(np.uint32(i).tobytes(), np.uint8)
+        device.learn(frame, y)  # saves a snapshot, and with consent queues the crop for upload
+        print(device.generation, device.counters["labels"], flush=True)
+""")
+
+
+def _frame_numbers(state) -> list[int]:
+    """Which frames' crops wait in the consent outbox (their number is in the first four pixels)."""
+    from edge_runtime.consent import CropOutbox
+
+    crops, _, _ = CropOutbox(state).batch(10_000)
+    return [int(np.frombuffer(np.ascontiguousarray(c[0, :4]).tobytes(), np.uint32)[0]) for c in crops]
+
+
+def _kill_when_the_outbox_changes(proc: subprocess.Popen, outbox) -> None:
+    """SIGKILL the moment a new crop lands in the outbox (an atomic replace: a new inode)."""
+    before = outbox.stat().st_ino if outbox.exists() else None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if outbox.stat().st_ino != before:
+                break
+        except FileNotFoundError:
+            pass
+    proc.send_signal(signal.SIGKILL)
+
+
+def test_kill_9_never_leaves_a_crop_queued_whose_label_the_state_lost(tiny_package_dir, tmp_path):
+    # Prepare: a device with consent that learns numbered frames
+    state = tmp_path / "state"
+    script = tmp_path / "learner.py"
+    script.write_text(CONSENTING_LEARNER.format(tests=str(TESTS), package=str(tiny_package_dir), state=str(state)))
+    rng = np.random.default_rng(1)
+    for round_ in range(8):
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            for _ in range(int(rng.integers(1, 4))):
+                assert proc.stdout.readline(), f"learner died: {proc.stderr.read()[-2000:]}"
+            # Execute: kill right as a crop is queued (odd rounds), or anywhere in a learn (even rounds)
+            if round_ % 2:
+                _kill_when_the_outbox_changes(proc, state / "consent_outbox.npz")
+            else:
+                time.sleep(float(rng.uniform(0, 0.02)))
+                proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+            proc.stdout.close()
+            proc.stderr.close()
+        # Assert: every queued crop belongs to a label the state holds, each at most once
+        labels = open_device(tiny_package_dir, state).counters["labels"]
+        numbers = _frame_numbers(state)
+        assert numbers and max(numbers) < labels, (round_, numbers[-3:], labels)
+        assert len(numbers) == len(set(numbers))

@@ -145,3 +145,80 @@ def test_training_and_device_paths_agree_bit_for_bit():
     np.testing.assert_array_equal(device, training_eval)
     training_aug_path = normalize_torch(to_unit(torch.from_numpy(fer.pixels))).numpy()
     np.testing.assert_allclose(training_aug_path, device, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- deep, float and huge images (issue 14)
+
+
+def _ramp(w: int = 64, h: int = 48) -> np.ndarray:
+    return np.tile(np.linspace(0, 255, w).round().astype(np.uint8), (h, 1))
+
+
+def test_a_16_bit_png_decodes_to_its_gray_levels_not_a_white_frame():
+    eight = _ramp()
+    sixteen = Image.fromarray(eight.astype(np.uint16) * 257)  # the same picture at 16 bits
+    assert sixteen.mode == "I;16"
+    np.testing.assert_array_equal(decode_gray(_encode(sixteen, "PNG")), eight)
+    np.testing.assert_array_equal(pp.decode_rgb(_encode(sixteen, "PNG"))[:, :, 0], eight)
+    np.testing.assert_array_equal(decode_gray(eight.astype(np.uint16) * 257), eight)  # a 16-bit camera array too
+
+
+def test_a_float_tiff_is_scaled_by_its_range_not_a_black_frame():
+    eight = _ramp()
+    unit = Image.fromarray(eight.astype(np.float32) / 255.0)
+    np.testing.assert_array_equal(decode_gray(_encode(unit, "TIFF")), eight)
+    wide = decode_gray(_encode(Image.fromarray(eight.astype(np.float32) * 40.0 - 3000.0), "TIFF"))  # any other range
+    assert wide.min() == 0 and wide.max() == 255 and np.abs(wide.astype(int) - eight).max() <= 1
+    with pytest.raises(ImageError, match="non-finite"):
+        decode_gray(_encode(Image.fromarray(np.full((8, 8), np.nan, np.float32)), "TIFF"))
+
+
+def test_a_large_jpeg_is_decoded_reduced_to_what_detection_and_cropping_need():
+    small = _gradient(700, 700)
+    big = Image.fromarray(small).resize((7000, 7000), Image.BILINEAR)
+    data = _encode(big, "JPEG", quality=40)
+    gray = decode_gray(data)
+    rgb = pp.decode_rgb(data)
+    assert gray.shape == rgb.shape[:2] == (1750, 1750)  # 1/4: the longer side keeps >= DECODE_SIDE
+    assert pp.DECODE_SIDE <= max(gray.shape) < 2 * pp.DECODE_SIDE
+    expected = np.asarray(big.convert("L").resize((1750, 1750), Image.BILINEAR), dtype=np.int16)
+    assert np.abs(gray.astype(np.int16) - expected).mean() < 3
+    small_jpeg = _encode(Image.fromarray(_gradient(640, 480)), "JPEG")  # camera frames are decoded as before
+    assert decode_gray(small_jpeg).shape == (480, 640)
+
+
+def test_the_pixel_limit_follows_the_memory_budget():
+    assert pp.MAX_PIXELS == pp.DECODE_MEMORY // pp.DECODE_BYTES_PER_PIXEL < 5_000_000
+    with pytest.raises(ImageError, match=r"over the \d+ pixel limit \(a 48 MB decode budget\)"):
+        decode_gray(_encode(Image.new("RGB", (2400, 2400), (9, 99, 199)), "PNG"))
+    assert pp.draft_scale(2559, 1919) == 2  # a JPEG over the limit is reduced until it fits
+    assert max(decode_gray(_encode(Image.new("RGB", (2559, 1919), (9, 99, 199)), "JPEG")).shape) == 1280
+
+
+RSS_PROBE = """
+import sys
+from edge_runtime import preprocess
+
+def peak_kb():  # VmHWM: this process's own peak (ru_maxrss would carry the forking parent's over exec)
+    return int([l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1])
+
+data = open(sys.argv[1], "rb").read()
+base = peak_kb()
+getattr(preprocess, sys.argv[2])(data)
+print((peak_kb() - base) / 1024)
+"""
+
+
+@pytest.mark.parametrize("decode", ["decode_gray", "decode_rgb"])
+def test_decoding_a_7000_px_jpeg_stays_inside_the_decode_budget(tmp_path, decode):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (7000, 7000), (120, 130, 140)).save(path, quality=30)  # 0.8 MB on disk, 49 MP
+    run = subprocess.run([sys.executable, "-c", RSS_PROBE, str(path), decode], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak_mb = float(run.stdout.split()[-1])
+    assert peak_mb < pp.DECODE_MEMORY / 2**20, peak_mb  # before: ~380 MB

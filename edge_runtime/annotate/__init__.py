@@ -7,9 +7,12 @@
 Safe by default:
 
 * binds to loopback; bound anywhere else it refuses to start without a token
-  (``serve`` makes a random one and prints the URL that carries it);
+  (``serve`` makes a random one, 192 bits, and prints the URL that carries it); a token
+  shorter than 16 characters (or of fewer than 6 different ones) is refused;
 * with a token, every request needs the signed session cookie it buys
-  (``/?token=...`` once) or an ``Authorization: Bearer`` header;
+  (``/?token=...`` once) or an ``Authorization: Bearer`` header; tokens are compared in
+  constant time (as SHA-256 digests, so not even the length leaks), and a client that sends
+  wrong ones is locked out for exponentially longer (``throttle``: 5 free, then 1 s, 2 s, ...);
 * POSTs need JSON, the per-session CSRF token in ``X-CSRF-Token``, and an ``Origin`` /
   ``Sec-Fetch-Site`` that is this very page; on loopback the ``Host`` must be a loopback
   name (no DNS rebinding);
@@ -18,8 +21,10 @@ Safe by default:
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
+import math
 import secrets
 import sys
 import threading
@@ -28,6 +33,7 @@ from typing import Any, Optional
 from flask import Flask, abort, jsonify, redirect, request, session
 from werkzeug.exceptions import HTTPException
 
+from .throttle import FailureThrottle, token_problem
 from .timeline import Timeline
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -50,8 +56,10 @@ def create_app(device: Any, *, token: Optional[str] = None, host: str = "127.0.0
                test_config: Optional[dict] = None) -> Flask:
     """The page for one ``Device``. ``host`` is the address the server binds to: anything
     but loopback needs ``token``."""
-    if token is not None and len(token) < 4:
-        raise ValueError("the annotation token must be at least 4 characters")
+    token = token or None  # an empty --token / $INFANTINO_ANNOTATE_TOKEN is no token
+    problem = token_problem(token) if token is not None else None
+    if problem:
+        raise ValueError(problem)
     if not is_loopback(host) and not token:
         raise ValueError(f"binding the annotation page to {host} needs a --token (or bind to 127.0.0.1)")
     app = Flask(__name__)
@@ -64,6 +72,9 @@ def create_app(device: Any, *, token: Optional[str] = None, host: str = "127.0.0
         TOKEN=token,
         BIND_HOST=host,
         TIMELINE_HOURS=6.0,
+        TOKEN_FREE_FAILURES=5,  # wrong tokens a client may send before the lockout starts
+        TOKEN_LOCKOUT_BASE_S=1.0,  # the first lockout; it doubles with each further wrong token
+        TOKEN_LOCKOUT_MAX_S=900.0,
     )
     if test_config:
         app.config.update(test_config)
@@ -71,6 +82,9 @@ def create_app(device: Any, *, token: Optional[str] = None, host: str = "127.0.0
         "device": device,
         "timeline": Timeline(device.state_dir / "annotate" / "timeline.json"),
         "lock": threading.Lock(),  # label and dismiss of the same frame never interleave
+        "throttle": FailureThrottle(free=app.config["TOKEN_FREE_FAILURES"], base_s=app.config["TOKEN_LOCKOUT_BASE_S"],
+                                    max_lockout_s=app.config["TOKEN_LOCKOUT_MAX_S"]),
+        "token_digest": _digest(token) if token else None,
     }
 
     @app.before_request
@@ -114,21 +128,49 @@ def _check_host(app: Flask) -> None:
         abort(403, "unexpected Host header")
 
 
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
 def _check_token(app: Flask) -> None:
-    token = app.config["TOKEN"]
-    if not token or session.get("auth") is True:
+    """A signed session, or the token (query once, or Bearer); wrong tokens lock the client out for longer and longer."""
+    ctx = app.extensions["infantino"]
+    if not ctx["token_digest"] or session.get("auth") is True:
         return
     given = request.args.get("token") or ""
     bearer = request.headers.get("Authorization", "")
     if bearer.startswith("Bearer "):
         given = bearer[len("Bearer "):]
-    if given and hmac.compare_digest(given.encode(), token.encode()):
+    if not given:
+        abort(401, "this annotation page needs its token: open the URL that `infantino-edge annotate` printed")
+    throttle: FailureThrottle = ctx["throttle"]
+    wait = throttle.retry_after(request.remote_addr)
+    if wait > 0:  # even the right token waits: otherwise the lockout would not slow guessing
+        abort(_locked_out(wait))
+    if hmac.compare_digest(_digest(given), ctx["token_digest"]):
+        throttle.succeeded(request.remote_addr)
         if request.args.get("token") and request.method == "GET":
             session.clear()
             session["auth"] = True
             abort(redirect(request.path))  # drop the token from the address bar and history
         return  # a bearer token authorises this request only
-    abort(401, "this annotation page needs its token: open the URL that `infantino-edge annotate` printed")
+    lockout = throttle.failed(request.remote_addr)
+    abort(_refusal(401, "wrong token for this annotation page: open the URL that `infantino-edge annotate` printed", lockout))
+
+
+def _locked_out(wait_s: float):
+    """429: this client sent too many wrong tokens; the token it sent now was not even checked."""
+    return _refusal(429, "too many wrong tokens from this address", wait_s)
+
+
+def _refusal(status: int, message: str, wait_s: float):
+    """A JSON refusal; with ``Retry-After`` when the client must wait before its next token."""
+    seconds = math.ceil(wait_s)
+    resp = jsonify(error=f"{message}: try again in {seconds} s" if seconds > 0 else message)
+    resp.status_code = status
+    if seconds > 0:
+        resp.headers["Retry-After"] = str(seconds)
+    return resp
 
 
 def _check_cross_site() -> None:
@@ -147,12 +189,17 @@ def _check_cross_site() -> None:
         abort(403, "missing or wrong CSRF token; reload the page")
 
 
+def new_token() -> str:
+    """The token ``serve`` makes up when none is given: 32 URL-safe characters, 192 bits."""
+    return secrets.token_urlsafe(24)
+
+
 def serve(device: Any, host: str = "127.0.0.1", port: int = 8765, token: Optional[str] = None) -> None:
     """Run the page until interrupted (werkzeug's threaded server; it is a one-household page)."""
     from werkzeug.serving import make_server
 
     if not is_loopback(host) and not token:
-        token = secrets.token_urlsafe(16)
+        token = new_token()
     app = create_app(device, token=token, host=host)
     server = make_server(host, port, app, threaded=True)
     shown = f"[{host}]" if ":" in host else host

@@ -7,6 +7,9 @@ from typing import Any
 from flask import Blueprint, abort, current_app, jsonify, render_template, request, send_file
 
 from ..annotation_queue import QueueError
+from ..preprocess import ImageError
+from ..state import StateError
+from ..state_lock import StateLockTimeout
 
 bp = Blueprint("annotate", __name__)
 
@@ -36,6 +39,23 @@ def _queue_error(exc: QueueError):
     return jsonify(error=str(exc)), 404
 
 
+@bp.errorhandler(ImageError)
+def _image_error(exc: ImageError):
+    """A queued crop the device will not learn from (blank): say so, change nothing."""
+    return jsonify(error=str(exc)), 422
+
+
+@bp.errorhandler(StateError)
+def _state_error(exc: StateError):
+    """Another process moved the state folder on (e.g. sync installed a new package): restart the page."""
+    return jsonify(error=str(exc)), 409
+
+
+@bp.errorhandler(StateLockTimeout)
+def _busy(exc: StateLockTimeout):
+    return jsonify(error=str(exc)), 503
+
+
 @bp.get("/")
 def index():
     from . import csrf_token
@@ -49,6 +69,7 @@ def state():
     """Waiting frames (most uncertain first), versions and counters, the recent timeline."""
     ctx = _ctx()
     device, timeline = ctx["device"], ctx["timeline"]
+    device.refresh()  # head and counters as another process (sync, a CLI learn) may have saved them
     items = device.queue.items()
     timeline.record(items)
     items.sort(key=lambda i: (-i.uncertainty, i.id))
@@ -95,10 +116,8 @@ def dismiss():
     device = ctx["device"]
     item_id, _ = _body()
     with ctx["lock"]:
-        item = device.queue.get(item_id)  # QueueError -> 404
-        if item.label is not None:
+        ctx["timeline"].record([device.queue.get(item_id)])  # QueueError -> 404
+        if not device.dismiss(item_id):  # under the state folder's writer lock, like a label
             return jsonify(error="this frame is labelled already"), 409
-        ctx["timeline"].record([item])
-        device.queue.remove(item_id)
     ctx["timeline"].label(item_id, None)
     return jsonify(id=item_id, outcome="dismissed", status=_status(device))
