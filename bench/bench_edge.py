@@ -246,7 +246,10 @@ def torch_column(args: argparse.Namespace, data: bytes) -> dict:
         weights = "untrained, the manifest's architecture"
     onnx = {prec: package.path(role) for prec, role in (("int8", "extractor_int8"), ("fp32", "extractor")) if package.has(role)}
     peak = peaks(tuple(args.threads))
-    out = compare_runtimes(EmbeddingExtractor(net).eval(), onnx, prepare(data, package.manifest.preprocess).tensor, args.n, peak, tuple(args.threads))
+    from edge_runtime.facefinder import FaceFinder
+
+    tensor = prepare(data, package.manifest.preprocess, finder=FaceFinder.for_package(package)).tensor
+    out = compare_runtimes(EmbeddingExtractor(net).eval(), onnx, tensor, args.n, peak, tuple(args.threads))
     if not args.torch_checkpoint:
         out.pop("parity_fp32_max_abs")  # other weights: the outputs differ by design
     return {"arch": package.manifest.model.get("arch", "?"), "weights": weights, "matmul_peak_gflops": peak, **out}

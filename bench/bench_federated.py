@@ -51,15 +51,17 @@ def load_faces(package: Path, seeds: list[int], devices: int, held_out: dict[str
     from edge_runtime.datasets import infant_folder
     from edge_runtime.imagefolder import list_image_folder, split_items
     from edge_runtime.package import open_package
+    from edge_runtime.facefinder import FaceFinder
     from edge_runtime.preprocess import ImageError, prepare
 
-    spec = open_package(package).manifest.preprocess
+    opened = open_package(package)
+    spec, finder = opened.manifest.preprocess, FaceFinder.for_package(opened)
     items = list_image_folder(infant_folder())
     crops: dict[Path, np.ndarray] = {}
     for path, _ in items:
         if path not in crops:
             try:
-                crops[path] = prepare(path, spec, detect=True).crop
+                crops[path] = prepare(path, spec, detect=True, finder=finder).crop
             except ImageError:
                 continue
     held_out = held_out or {"test": 0.3}
