@@ -272,9 +272,21 @@ def run_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- watch
+
+
+def add_watch(sub) -> None:
+    from .watch.cli import add_arguments, run
+
+    p = sub.add_parser("watch", help="run on a camera, stream, video file or image folder: timeline, queue, alerts, sync")
+    add_arguments(p)
+    _device_options(p)
+    p.set_defaults(threads=1, func=lambda args: run(args, _config(args), PROG))  # one ONNX thread leaves a core to the reader
+
+
 # --------------------------------------------------------------------------- main
 
-SUBCOMMANDS: list[Callable] = [add_predict, add_learn, add_queue, add_evaluate, add_sync, add_consent, add_annotate]
+SUBCOMMANDS: list[Callable] = [add_predict, add_learn, add_queue, add_evaluate, add_sync, add_consent, add_annotate, add_watch]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -424,6 +424,24 @@ class Device:
                 out.append(pred)
         return out
 
+    def queue_frame(self, pred: Prediction, source: str = "") -> str | None:
+        """Queue a frame predicted with ``enqueue=False`` (a camera loop picks which: ``edge_runtime.watch``).
+
+        Uses the face crop kept from that prediction; None when it is gone from the recent-frame
+        cache, is blank, or the same frame waits already."""
+        with self._lock:
+            hit = self._cache.get(pred.frame_key)
+            if hit is None or not has_contrast(hit.crop):
+                return None
+            item_id = self.queue.add(hit.crop, predicted=pred.label, uncertainty=pred.uncertainty,
+                                     probabilities=[float(p) for p in pred.probabilities], face_found=pred.face_found,
+                                     source=source, frame_key=pred.frame_key)
+            if item_id is not None:
+                pred.queued_id = item_id
+                self.counters["queued"] += 1
+                self._last_queued = time.monotonic()
+            return item_id
+
     def _queue_open(self) -> bool:
         interval = self.config.queue_min_interval_s
         return interval <= 0 or time.monotonic() - self._last_queued >= interval

@@ -121,3 +121,12 @@ def dismiss():
             return jsonify(error="this frame is labelled already"), 409
     ctx["timeline"].label(item_id, None)
     return jsonify(id=item_id, outcome="dismissed", status=_status(device))
+
+
+@bp.get("/api/watch")
+def watch():
+    """What ``infantino-edge watch`` records in this state folder (read-only): the current expression,
+    per-minute valence and the distress alerts of the last hours, the watch's last status."""
+    from ..watch.live import snapshot
+
+    return jsonify(snapshot(_ctx()["device"].state_dir, current_app.config["TIMELINE_HOURS"]))
