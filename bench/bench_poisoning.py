@@ -18,6 +18,8 @@ the test photos after the last round, and what the server did with the hostile p
 
 ``--label before`` with ``PYTHONPATH`` pointing at a checkout of the old code measures that
 code with its own default (run from that checkout: ``--strategies default --gate off``).
+The package's bootstrap head must not have been fitted on these photos (the results in
+``bench/results/poisoning.json`` use ``efficientnet_lite0-e3-dcd63f1a``, whose head saw FER only).
 """
 from __future__ import annotations
 
@@ -220,7 +222,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else {}
-    previous[args.label] = {"package": str(package), "seeds": args.seeds, "rounds": args.rounds, **result}
+    from edge_runtime.package import open_package
+
+    previous[args.label] = {"package": str(package), "package_version": open_package(package).version, "seeds": args.seeds,
+                            "rounds": args.rounds, **result}
     out.write_text(json.dumps(previous, indent=1) + "\n")
     print(f"wrote {out} ({args.label})")
     return 0
