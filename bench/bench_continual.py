@@ -32,14 +32,12 @@ from PIL import Image, ImageFilter
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
-sys.path.insert(0, str(REPO))
-
-from edge_runtime.datasets import FER, INFANT, DataMissing, data_path, fer_file, infant_folder  # noqa: E402
-from edge_runtime.device import Device, DeviceConfig  # noqa: E402
-from edge_runtime.head import HeadParams, OnlineHead  # noqa: E402
-from edge_runtime.imagefolder import list_image_folder, split_items  # noqa: E402
-from edge_runtime.preprocess import ImageError, decode_gray, faces_tensor  # noqa: E402
-from edge_runtime.splits import stratified_split  # noqa: E402
+from infantino.edge_runtime.datasets import FER, INFANT, DataMissing, data_path, fer_file, infant_folder
+from infantino.edge_runtime.device import Device, DeviceConfig
+from infantino.edge_runtime.head import HeadParams, OnlineHead
+from infantino.edge_runtime.imagefolder import list_image_folder, split_items
+from infantino.edge_runtime.preprocess import ImageError, decode_gray, faces_tensor
+from infantino.edge_runtime.splits import stratified_split
 
 PHASES = ("adult", "infant", "night_ir", "infant_again")
 METHODS = ("frozen", "plain", "ours", "refit")
@@ -136,7 +134,7 @@ def summarize(R: np.ndarray) -> dict:
 
 def plot(results: dict, path: Path) -> bool:
     try:
-        from export.plots import pyplot
+        from infantino.export.plots import pyplot
 
         plt = pyplot()
     except ImportError:

@@ -43,23 +43,21 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = Path(__file__).parent / "results"
-sys.path.insert(0, str(REPO))
+from infantino.edge_runtime.device import Device, DeviceConfig
+from infantino.edge_runtime.imagefolder import list_image_folder, split_items, write_split
+from infantino.edge_runtime.metrics import confusion_matrix, macro_f1
+from infantino.edge_runtime.preprocess import CLASSES, ImageError, faces_tensor
+from infantino.edge_runtime.replay import balanced_indices
+from infantino.edge_runtime.splits import stratified_split
 
-from edge_runtime.device import Device, DeviceConfig  # noqa: E402
-from edge_runtime.imagefolder import list_image_folder, split_items, write_split  # noqa: E402
-from edge_runtime.metrics import confusion_matrix, macro_f1  # noqa: E402
-from edge_runtime.preprocess import CLASSES, ImageError, faces_tensor  # noqa: E402
-from edge_runtime.replay import balanced_indices  # noqa: E402
-from edge_runtime.splits import stratified_split  # noqa: E402
-
-from _timing import percentiles, timeit  # noqa: E402
+from _timing import percentiles, timeit
 
 
 def camera_frame(seed: int = 0) -> np.ndarray:
     """A 640x480 RGB frame: a real infant photo scaled to cover it when the data is here, else noise."""
     from PIL import Image
 
-    from edge_runtime.preprocess import crop_face, decode_gray
+    from infantino.edge_runtime.preprocess import crop_face, decode_gray
 
     root = SHARED / "infant"
     if root.is_dir():
@@ -103,8 +101,8 @@ def device_process(model_dir: str, n: int, frame_path: str, threads: int = 1) ->
     load a second (fp32) extractor a device would not hold."""
     import cv2
 
-    from edge_runtime.extractor import Extractor
-    from edge_runtime.preprocess import decode_gray, decode_rgb, detect_faces, face_tensor, rgb_to_gray
+    from infantino.edge_runtime.extractor import Extractor
+    from infantino.edge_runtime.preprocess import decode_gray, decode_rgb, detect_faces, face_tensor, rgb_to_gray
 
     cv2.setNumThreads(threads)
     rss_imports = _rss_mb()
@@ -165,7 +163,7 @@ def device_process(model_dir: str, n: int, frame_path: str, threads: int = 1) ->
         out["haar_coarse_ms"] = timeit(lambda: detect_faces(gray, max_side=160), n)
         out["haar_full_frame_ms"] = timeit(lambda: detect_faces(gray, max_side=10_000), max(10, n // 10))
         tensor = face_tensor(face.pixels, device.spec)
-        from edge_runtime.uncertainty import Uncertainty
+        from infantino.edge_runtime.uncertainty import Uncertainty
 
         emb = device.extractor(tensor)
         out["head_predict_ms"] = timeit(lambda: device.head.predict_proba(emb), n)
@@ -180,8 +178,8 @@ def device_process(model_dir: str, n: int, frame_path: str, threads: int = 1) ->
 
 def sklearn_comparison(model_dir: str, n: int) -> dict:
     """The same update through MLPClassifier.partial_fit, and our numpy step, in this process."""
-    from edge_runtime.head import OnlineHead
-    from edge_runtime.package import open_package
+    from infantino.edge_runtime.head import OnlineHead
+    from infantino.edge_runtime.package import open_package
 
     head = OnlineHead.load(open_package(model_dir).path("head"))
     rng = np.random.default_rng(0)
@@ -227,11 +225,11 @@ def torch_column(args: argparse.Namespace, data: bytes) -> dict:
     if importlib.util.find_spec("torch") is None:
         return {"skipped": "torch is not installed (it comes with the export extra: pip install -e '.[export]')"}
     from bench_extractors import compare_runtimes, peaks
-    from export.model import EmbeddingExtractor, ModelConfig, build_model
-    from export.train import load_checkpoint
+    from infantino.export.model import EmbeddingExtractor, ModelConfig, build_model
+    from infantino.export.train import load_checkpoint
 
-    from edge_runtime.package import open_package
-    from edge_runtime.preprocess import prepare
+    from infantino.edge_runtime.package import open_package
+    from infantino.edge_runtime.preprocess import prepare
 
     package = open_package(args.model_dir, verify=False)
     if args.torch_checkpoint:
@@ -246,7 +244,7 @@ def torch_column(args: argparse.Namespace, data: bytes) -> dict:
         weights = "untrained, the manifest's architecture"
     onnx = {prec: package.path(role) for prec, role in (("int8", "extractor_int8"), ("fp32", "extractor")) if package.has(role)}
     peak = peaks(tuple(args.threads))
-    from edge_runtime.facefinder import FaceFinder
+    from infantino.edge_runtime.facefinder import FaceFinder
 
     tensor = prepare(data, package.manifest.preprocess, finder=FaceFinder.for_package(package)).tensor
     out = compare_runtimes(EmbeddingExtractor(net).eval(), onnx, tensor, args.n, peak, tuple(args.threads))
@@ -285,7 +283,7 @@ def latency(args: argparse.Namespace) -> None:
         np.save(str(frame_path) + ".npy", frame)
         runs = {str(t): device_run(args, frame_path, t) for t in args.threads}
         data = frame_path.read_bytes()
-    from edge_runtime.package import open_package
+    from infantino.edge_runtime.package import open_package
 
     res = {"package": open_package(args.model_dir, verify=False).version, "n": args.n,
            "machine": {"cpus": os.cpu_count(), "loadavg_1min": os.getloadavg()[0], "threads": args.threads},

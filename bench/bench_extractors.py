@@ -51,7 +51,7 @@ def compare_runtimes(extractor, onnx: dict[str, Path], x: np.ndarray, repeats: i
     its fraction of ``peak`` (matmul GFLOP/s per thread count). Also the torch-vs-fp32 parity."""
     import torch
 
-    from export.onnx_export import session
+    from infantino.export.onnx_export import session
 
     xt = torch.from_numpy(x)
     out: dict = {"flops_per_face": flops(extractor, xt) // len(x)}
@@ -75,12 +75,12 @@ def compare_runtimes(extractor, onnx: dict[str, Path], x: np.ndarray, repeats: i
 
 def bench_arch(arch: str, ckpt: str | None, calib: np.ndarray, x: np.ndarray, repeats: int, peak: dict[str, float],
                threads: tuple[int, ...] = THREADS) -> dict:
-    from export.model import EmbeddingExtractor, ModelConfig, build_model
-    from export.onnx_export import export_extractor
-    from export.quantize import quantize_extractor
-    from export.train import load_checkpoint
+    from infantino.export.model import EmbeddingExtractor, ModelConfig, build_model
+    from infantino.export.onnx_export import export_extractor
+    from infantino.export.quantize import quantize_extractor
+    from infantino.export.train import load_checkpoint
 
-    from edge_runtime.preprocess import DEFAULT_SPEC
+    from infantino.edge_runtime.preprocess import DEFAULT_SPEC
 
     net = load_checkpoint(ckpt)[0] if ckpt else build_model(ModelConfig(arch=arch), imagenet_init=False).eval()
     out: dict = {"arch": arch, "weights": ckpt or "untrained", "params": sum(p.numel() for p in net.parameters())}
@@ -113,10 +113,10 @@ def print_rows(rows: list[dict], peak: dict[str, float], threads: tuple[int, ...
 
 def calibration_faces(fer: Path, n: int = 129) -> tuple[np.ndarray, str]:
     """Normalised FER faces for int8 calibration and timing, or noise when the data is absent."""
-    from edge_runtime.preprocess import DEFAULT_SPEC, normalize
+    from infantino.edge_runtime.preprocess import DEFAULT_SPEC, normalize
 
     if fer.exists():
-        from export.data import load_fer
+        from infantino.export.data import load_fer
 
         return normalize(load_fer(fer, limit=n).pixels), "fer2013"
     rng = np.random.default_rng(0)

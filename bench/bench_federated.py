@@ -33,8 +33,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
 
 def find_package(arg: str | None) -> Path:
     if arg:
@@ -48,11 +46,11 @@ def load_faces(package: Path, seeds: list[int], devices: int, held_out: dict[str
     """Per seed: crops (uint8, package size) and labels of the held-out parts (default ``{"test": 0.3}``)
     and one equal share of the rest per device. Every photo is cropped once; the splits keep
     duplicate files on one side."""
-    from edge_runtime.datasets import infant_folder
-    from edge_runtime.imagefolder import list_image_folder, split_items
-    from edge_runtime.package import open_package
-    from edge_runtime.facefinder import FaceFinder
-    from edge_runtime.preprocess import ImageError, prepare
+    from infantino.edge_runtime.datasets import infant_folder
+    from infantino.edge_runtime.imagefolder import list_image_folder, split_items
+    from infantino.edge_runtime.package import open_package
+    from infantino.edge_runtime.facefinder import FaceFinder
+    from infantino.edge_runtime.preprocess import ImageError, prepare
 
     opened = open_package(package)
     spec, finder = opened.manifest.preprocess, FaceFinder.for_package(opened)
@@ -83,15 +81,15 @@ def accuracy(head, x, y) -> float:
 
 
 def product_path(package: Path, faces: dict, n_devices: int, rounds: int, work: Path, seed: int) -> dict:
-    from edge_runtime.device import Device, DeviceConfig
-    from edge_runtime.extractor import Extractor
-    from edge_runtime.head import OnlineHead
-    from edge_runtime.package import open_package
-    from edge_runtime.preprocess import faces_tensor
-    from edge_runtime.sync_client import DeviceLearner, Http, sync_device
-    from server_helpers import ServerProcess
-    from sync_server import store as st
-    from sync_server.models import promote_package
+    from infantino.edge_runtime.device import Device, DeviceConfig
+    from infantino.edge_runtime.extractor import Extractor
+    from infantino.edge_runtime.head import OnlineHead
+    from infantino.edge_runtime.package import open_package
+    from infantino.edge_runtime.preprocess import faces_tensor
+    from infantino.edge_runtime.sync_client import DeviceLearner, Http, sync_device
+    from infantino.sync_server import store as st
+    from infantino.sync_server.models import promote_package
+    from infantino.sync_server.process import ServerProcess
 
     pkg = open_package(package)
     role = "extractor_int8" if pkg.has("extractor_int8") else "extractor"
@@ -184,9 +182,9 @@ def product_path(package: Path, faces: dict, n_devices: int, rounds: int, work: 
 
 
 def embeddings(package: Path, faces: dict, n_devices: int):
-    from edge_runtime.extractor import Extractor
-    from edge_runtime.package import open_package
-    from edge_runtime.preprocess import faces_tensor
+    from infantino.edge_runtime.extractor import Extractor
+    from infantino.edge_runtime.package import open_package
+    from infantino.edge_runtime.preprocess import faces_tensor
 
     pkg = open_package(package)
     role = "extractor_int8" if pkg.has("extractor_int8") else "extractor"
@@ -202,7 +200,7 @@ def local_delta(head, x, y, rng, epochs: int = 3, batch: int = 16):
         for s in range(0, len(y), batch):
             idx = order[s:s + batch]
             local.learn_step(x[idx], y[idx], steps=1) if hasattr(local, "learn_step") else local.partial_fit(x[idx], y[idx])
-    from sync_server.aggregate import flatten
+    from infantino.sync_server.aggregate import flatten
 
     return flatten(local.weights()) - flatten(head.weights())
 
@@ -210,9 +208,9 @@ def local_delta(head, x, y, rng, epochs: int = 3, batch: int = 16):
 def simulate(package: Path, emb: dict, n_devices: int, strategy, steps: int, seed: int, max_tau: int = 3,
              poisoned: int | None = None) -> float:
     """Asynchronous FedBuff: K = n_devices updates per step, each from a head tau versions old."""
-    from edge_runtime.head import OnlineHead
-    from edge_runtime.package import open_package
-    from sync_server.aggregate import aggregate_deltas, apply_step
+    from infantino.edge_runtime.head import OnlineHead
+    from infantino.edge_runtime.package import open_package
+    from infantino.sync_server.aggregate import aggregate_deltas, apply_step
 
     rng = np.random.default_rng(seed)
     heads = [OnlineHead.load(open_package(package).path("head"))]
@@ -239,7 +237,7 @@ def simulate(package: Path, emb: dict, n_devices: int, strategy, steps: int, see
 
 
 def server_choices(package: Path, faces_by_seed: dict, n_devices: int, steps: int) -> dict:
-    from sync_server.aggregate import Strategy
+    from infantino.sync_server.aggregate import Strategy
 
     out = {"staleness": {}, "robust": {}}
     embs = {seed: embeddings(package, f, n_devices) for seed, f in faces_by_seed.items()}
@@ -270,14 +268,14 @@ def main(argv=None) -> int:
     package = find_package(args.package)
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
-    from edge_runtime.datasets import DataMissing
+    from infantino.edge_runtime.datasets import DataMissing
 
     try:
         faces = load_faces(package, seeds, args.devices)
     except DataMissing as exc:
         sys.exit(f"bench_federated: {exc}")
     print(f"cropped {sum(len(v[1]) for v in faces[seeds[0]].values())} photos per split in {time.perf_counter() - t0:.0f} s")
-    from edge_runtime.package import open_package
+    from infantino.edge_runtime.package import open_package
 
     shown = package.resolve().relative_to(REPO) if package.resolve().is_relative_to(REPO) else package
     result = {"package": str(shown), "package_version": open_package(package).version, "devices": args.devices, "rounds": args.rounds, "seeds": seeds}

@@ -33,8 +33,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
 
 def find_package(arg: str | None) -> Path | None:
     if arg:
@@ -48,10 +46,10 @@ def find_package(arg: str | None) -> Path | None:
 
 def synthetic_package(folder: Path) -> Path:
     """A package with the release head's shape (64-d embedding, 64 hidden, 7 classes)."""
-    from edge_runtime.head import HeadParams, OnlineHead
-    from edge_runtime.package import Manifest, describe_files, write_manifest
-    from edge_runtime.preprocess import DEFAULT_SPEC
-    from tiny_package import linear_extractor
+    from infantino.edge_runtime.head import HeadParams, OnlineHead
+    from infantino.edge_runtime.package import Manifest, describe_files, write_manifest
+    from infantino.edge_runtime.preprocess import DEFAULT_SPEC
+    from infantino.export.tiny_package import linear_extractor
 
     folder.mkdir(parents=True, exist_ok=True)
     linear_extractor(folder / "extractor.onnx", embed_dim=64)
@@ -69,7 +67,7 @@ def _device_proc(args):
     """One process driving several device threads; returns latencies and outcomes."""
     import threading
 
-    from edge_runtime import wire
+    from infantino.edge_runtime import wire
 
     port, tokens, info, layers, seconds, start_at, keepalive = args
     results = []
@@ -137,21 +135,21 @@ def bench_ingest(package: Path, devices: int, seconds: float, workers: int, thre
                  pg_url: str | None = None, keepalive: bool = False) -> dict:
     import contextlib
 
-    from server_helpers import pg_schema_url
-    from sync_server import store as st
+    from infantino.sync_server.process import scratch_schema_url
+    from infantino.sync_server import store as st
 
     data = work / ("ingest-pg" if pg_url else "ingest")
     data.mkdir(parents=True)
-    with (pg_schema_url(pg_url) if pg_url else contextlib.nullcontext(st.sqlite_url(data / "server.db"))) as url:
+    with (scratch_schema_url(pg_url) if pg_url else contextlib.nullcontext(st.sqlite_url(data / "server.db"))) as url:
         return _bench_ingest(package, devices, seconds, workers, threads, procs, data, url, "postgresql" if pg_url else "sqlite",
                              keepalive)
 
 
 def _bench_ingest(package, devices, seconds, workers, threads, procs, data, url, label, keepalive) -> dict:
-    from edge_runtime.head import OnlineHead
-    from server_helpers import ServerProcess, cli
-    from sync_server import store as st
-    from sync_server.models import promote_package
+    from infantino.edge_runtime.head import OnlineHead
+    from infantino.sync_server.process import ServerProcess, cli
+    from infantino.sync_server import store as st
+    from infantino.sync_server.models import promote_package
 
     store = st.Store(url)
     store.create_all()
@@ -167,7 +165,7 @@ def _bench_ingest(package, devices, seconds, workers, threads, procs, data, url,
         head = OnlineHead.from_bytes(conn.getresponse().read())
         conn.close()
         layers = [np.asarray(a, np.float32) for a in head.weights()]
-        body_bytes = len(__import__("edge_runtime.wire", fromlist=["x"]).encode_update(
+        body_bytes = len(__import__("infantino.edge_runtime.wire", fromlist=["x"]).encode_update(
             device="x", base_head_version=1, base_package_version="x", layers=layers, n_samples=1, idempotency_key="k" * 32))
         start_at = time.time() + 3.0
         groups = [tokens[i::procs] for i in range(procs)]
@@ -202,10 +200,10 @@ def _bench_ingest(package, devices, seconds, workers, threads, procs, data, url,
 
 
 def bench_aggregation(package: Path, sizes: list[int], url: str | None, work: Path, label: str) -> list[dict]:
-    from sync_server import store as st
-    from sync_server.aggregate import Strategy
-    from sync_server.models import promote_package
-    from sync_server.rounds import aggregate_once
+    from infantino.sync_server import store as st
+    from infantino.sync_server.aggregate import Strategy
+    from infantino.sync_server.models import promote_package
+    from infantino.sync_server.rounds import aggregate_once
 
     out = []
     for n in sizes:
@@ -213,9 +211,9 @@ def bench_aggregation(package: Path, sizes: list[int], url: str | None, work: Pa
             folder = work / f"agg-{label}-{n}-{rule}"
             folder.mkdir(parents=True)
             if url:
-                from server_helpers import pg_schema_url
+                from infantino.sync_server.process import scratch_schema_url
 
-                ctx = pg_schema_url(url)
+                ctx = scratch_schema_url(url)
             else:
                 import contextlib
 
@@ -270,7 +268,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="infantino-bench-"))
     try:
         package = find_package(args.package) or synthetic_package(work / "package")
-        from edge_runtime.package import open_package
+        from infantino.edge_runtime.package import open_package
 
         shown = package.resolve().relative_to(REPO) if package.resolve().is_relative_to(REPO) else package
         result = {"package": str(shown), "package_version": open_package(package).version, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),

@@ -35,15 +35,13 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
-sys.path.insert(0, str(REPO))
+from infantino.edge_runtime.datasets import data_root
+from infantino.edge_runtime.device import Device, DeviceConfig
+from infantino.edge_runtime.watch.loop import Watch, WatchSettings
+from infantino.edge_runtime.watch.sources import open_source, parse_source
+from infantino.edge_runtime.watch.status import rss_mb
 
-from edge_runtime.datasets import data_root  # noqa: E402
-from edge_runtime.device import Device, DeviceConfig  # noqa: E402
-from edge_runtime.watch.loop import Watch, WatchSettings  # noqa: E402
-from edge_runtime.watch.sources import open_source, parse_source  # noqa: E402
-from edge_runtime.watch.status import rss_mb  # noqa: E402
-
-from _timing import percentiles  # noqa: E402
+from _timing import percentiles
 
 SIZE = (640, 480)
 SOURCE_FPS = 25
@@ -53,7 +51,7 @@ def make_video(path: Path, photos: int, seconds_each: float = 1.0, seed: int = 0
     """A 640x480 MJPG video: each photo scaled to cover the frame, panned slowly for ``seconds_each``."""
     import cv2
 
-    from edge_runtime.preprocess import decode_rgb
+    from infantino.edge_runtime.preprocess import decode_rgb
 
     root = data_root() / "infant"
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))

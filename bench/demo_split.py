@@ -3,7 +3,7 @@
     python bench/demo_split.py /tmp/demo-split        # -> /tmp/demo-split/{stream,test}/<class>/
 
 ``stream`` holds the photos the demo's cameras see (the release's infant training set),
-``test`` the 25 % it holds out (seed 0, duplicates kept on one side: ``fleet_demo.data.plan_split``).
+``test`` the 25 % it holds out (seed 0, duplicates kept on one side: ``infantino.fleet_demo.data.plan_split``).
 A package trained on ``stream`` passes the demo's leak check; one trained on ``test`` is refused.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from edge_runtime.preprocess import CLASSES
-from fleet_demo.data import find_images, plan_split
+from infantino.edge_runtime.preprocess import CLASSES
+from infantino.fleet_demo.data import find_images, plan_split
 
 
 def link_split(out: Path, images: str | None = None, devices: int = 4, seed: int = 0) -> dict[str, int]:

@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from edge_runtime.device import Device, DeviceConfig
-from edge_runtime.extractor import Extractor
-from edge_runtime.facefinder import FaceFinder, detector_file
-from edge_runtime.head import HeadParams, OnlineHead
-from edge_runtime.imagefolder import list_image_folder
-from edge_runtime.metrics import summarize, valence_accuracy
-from edge_runtime.package import open_package
-from edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, ImageError, PreprocessSpec, decode_rgb, faces_tensor, resize_face, rgb_to_gray
-from edge_runtime.splits import grouped_stratified_folds, stratified_split
+from infantino.edge_runtime.device import Device, DeviceConfig
+from infantino.edge_runtime.extractor import Extractor
+from infantino.edge_runtime.facefinder import FaceFinder, detector_file
+from infantino.edge_runtime.head import HeadParams, OnlineHead
+from infantino.edge_runtime.imagefolder import list_image_folder
+from infantino.edge_runtime.metrics import summarize, valence_accuracy
+from infantino.edge_runtime.package import open_package
+from infantino.edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, ImageError, PreprocessSpec, decode_rgb, faces_tensor, resize_face, rgb_to_gray
+from infantino.edge_runtime.splits import grouped_stratified_folds, stratified_split
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -114,7 +114,7 @@ def scores(y: np.ndarray, probs: np.ndarray) -> dict:
 
 def fit_head(fer_x: np.ndarray, fer_y: np.ndarray, x: np.ndarray, y: np.ndarray, repeat: int, max_iter: int) -> OnlineHead:
     """The bootstrap head on FER plus the workstation's infant embeddings, each infant photo ``repeat`` times."""
-    from export.bootstrap_head import fit_bootstrap_head
+    from infantino.export.bootstrap_head import fit_bootstrap_head
 
     return fit_bootstrap_head(fer_x, fer_y, x, y, repeat=repeat, max_iter=max_iter)
 
@@ -217,8 +217,8 @@ def finetune_fold(args, k: int, photos: Photos, folds: np.ndarray, crops: np.nda
     """Fold k: fine-tune the extractor on FER + the workstation folds' crops, build its package, score."""
     from PIL import Image
 
-    from export.package_builder import BuildOptions, build_package
-    from export.train import TrainConfig, train
+    from infantino.export.package_builder import BuildOptions, build_package
+    from infantino.export.train import TrainConfig, train
 
     spec, det = variant
     test, dev_fold = folds == k, folds == (k + 1) % args.folds
@@ -272,7 +272,7 @@ def print_table(summary: dict) -> None:
 
 
 def plot(summary: dict, path: Path) -> None:
-    from export.plots import pyplot
+    from infantino.export.plots import pyplot
 
     plt = pyplot()
     names = list(summary["pipelines"])
@@ -291,7 +291,7 @@ def plot(summary: dict, path: Path) -> None:
 
 def ensure_detectors(work: Path) -> tuple[Path, Path]:
     """Short- and full-range BlazeFace converted into the work folder (once)."""
-    from export.detector import build_detector
+    from infantino.export.detector import build_detector
 
     dirs = (work / "detectors" / "short_range", work / "detectors" / "full_range")
     for variant, d in zip(("short_range", "full_range"), dirs):

@@ -1,13 +1,13 @@
 """Device side of InfantinO Edge: CPU-only inference and on-device learning.
 
-    from edge_runtime import Device, DeviceConfig
+    from infantino.edge_runtime import Device, DeviceConfig
     device = Device("data/models", "state", DeviceConfig(threads=1))
     label, uncertainty = device.predict("frame.jpg")   # a Prediction; it unpacks to these two
     device.learn("frame.jpg", "happy")
 
 The device core imports numpy, Pillow, onnxruntime, scikit-learn and OpenCV only.
 ``Device``, ``DeviceConfig`` and ``Prediction`` are loaded on first use, so that importing
-a light module (``edge_runtime.wire``, ``edge_runtime.package``) does not start ONNX Runtime.
+a light module (``infantino.edge_runtime.wire``, ``infantino.edge_runtime.package``) does not start ONNX Runtime.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ __all__ = ["CLASSES", "Device", "DeviceConfig", "ImageError", "Prediction", "Pre
 
 
 def __getattr__(name: str) -> Any:
-    """``from edge_runtime import Device`` imports ``edge_runtime.device`` only then (PEP 562)."""
+    """``from infantino.edge_runtime import Device`` imports ``infantino.edge_runtime.device`` only then (PEP 562)."""
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from importlib import import_module

@@ -425,7 +425,7 @@ class Device:
         return out
 
     def queue_frame(self, pred: Prediction, source: str = "") -> str | None:
-        """Queue a frame predicted with ``enqueue=False`` (a camera loop picks which: ``edge_runtime.watch``).
+        """Queue a frame predicted with ``enqueue=False`` (a camera loop picks which: ``infantino.edge_runtime.watch``).
 
         Uses the face crop kept from that prediction; None when it is gone from the recent-frame
         cache, is blank, or the same frame waits already."""

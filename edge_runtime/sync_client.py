@@ -199,7 +199,7 @@ class _Retryable(Exception):
 
 
 class Learner(Protocol):
-    """The device runtime as sync sees it (``DeviceLearner`` adapts ``edge_runtime.device.Device``)."""
+    """The device runtime as sync sees it (``DeviceLearner`` adapts ``infantino.edge_runtime.device.Device``)."""
 
     def head(self) -> OnlineHead:
         """The current local head."""
@@ -703,7 +703,7 @@ def _finite(metrics: dict) -> dict:
 
 
 class DeviceLearner:
-    """``edge_runtime.device.Device`` as a sync ``Learner``.
+    """``infantino.edge_runtime.device.Device`` as a sync ``Learner``.
 
     The device keeps the face crops of the frames it learned (``Device.samples``); after an
     extractor change they are re-embedded with the new extractor to refill the replay buffer

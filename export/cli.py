@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edge_runtime.clitools import OneLineParser, add_verbose, run_command
-from edge_runtime.datasets import FER, data_path, fer_file
+from infantino.edge_runtime.clitools import OneLineParser, add_verbose, run_command
+from infantino.edge_runtime.datasets import FER, data_path, fer_file
 
 PROG = "infantino-export"
 
@@ -82,7 +82,7 @@ def _add_detector_parsers(sub) -> None:
 def _publish(args: argparse.Namespace) -> int:
     import os
 
-    from edge_runtime.sync_client import SyncError
+    from infantino.edge_runtime.sync_client import SyncError
 
     from .publish import describe, publish
 

@@ -10,8 +10,8 @@ import io
 import tarfile
 from pathlib import Path
 
-from edge_runtime.package import MANIFEST, open_package
-from edge_runtime.sync_client import Http, SyncError
+from infantino.edge_runtime.package import MANIFEST, open_package
+from infantino.edge_runtime.sync_client import Http, SyncError
 
 
 def package_tar(package_dir: Path) -> bytes:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.head import OnlineHead
-from edge_runtime.package import describe_files, open_package, write_manifest
-from edge_runtime.preprocess import normalize
-from edge_runtime.splits import stratified_split
+from infantino.edge_runtime.head import OnlineHead
+from infantino.edge_runtime.package import describe_files, open_package, write_manifest
+from infantino.edge_runtime.preprocess import normalize
+from infantino.edge_runtime.splits import stratified_split
 
 from .classifier import PROBABILITIES, merge_classifier
 from .data import load_fer

@@ -12,9 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-from edge_runtime.clitools import OneLineParser, add_verbose, run_command
-from edge_runtime.device import default_model_dir
-from edge_runtime.package import open_package
+from infantino.edge_runtime.clitools import OneLineParser, add_verbose, run_command
+from infantino.edge_runtime.device import default_model_dir
+from infantino.edge_runtime.package import open_package
 
 from .data import find_images, fresh_out, plan_split, trained_on_held_out
 from .fleet import STRATEGIES, FleetPlan, run_fleet
@@ -142,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _write_test_folder(root: Path, items: list[tuple[Path, int]]) -> Path:
     """The held-out photos as an ImageFolder of links, for the server's publish gate."""
-    from edge_runtime.imagefolder import write_split
+    from infantino.edge_runtime.imagefolder import write_split
 
     return write_split({"test": items}, root)["test"]
 

@@ -17,13 +17,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from edge_runtime.device import Device, DeviceConfig
-from edge_runtime.evaluate import embed_items
-from edge_runtime.head import OnlineHead
-from edge_runtime.metrics import summarize
-from edge_runtime.preprocess import ImageError
-from edge_runtime.sync_client import Http, sync_device
-from sync_server.process import LocalServer
+from infantino.edge_runtime.device import Device, DeviceConfig
+from infantino.edge_runtime.evaluate import embed_items
+from infantino.edge_runtime.head import OnlineHead
+from infantino.edge_runtime.metrics import summarize
+from infantino.edge_runtime.preprocess import ImageError
+from infantino.edge_runtime.sync_client import Http, sync_device
+from infantino.sync_server.process import LocalServer
 
 DEVICE_CONFIG = DeviceConfig(threads=1, cache_size=256, autosave=False)
 STRATEGIES = ("uncertainty", "random")
@@ -162,7 +162,7 @@ def run_fleet(plan: FleetPlan, work: Path, on_round: Callable[[RoundRecord], Non
 
 def publish_refresh(server: LocalServer, package: Path) -> dict:
     """Publish a refreshed package through the gate (``infantino-export publish``'s path)."""
-    from export.publish import publish
+    from infantino.export.publish import publish
 
     status, answer = publish(package, server.url, server.admin)
     return {"status": status, **answer}

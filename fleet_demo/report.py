@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.atomic import atomic_write_text
-from edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.atomic import atomic_write_text
+from infantino.edge_runtime.preprocess import CLASSES
 
 from .fleet import RoundRecord
 
@@ -45,7 +45,7 @@ def write_summary(out: Path, arms: dict[str, list[RoundRecord]], settings: dict)
 def plot(out: Path, arms: dict[str, list[RoundRecord]]) -> list[Path]:
     """accuracy_over_rounds.png (global per arm, devices of the first arm) and confusion.png."""
     try:
-        from export.plots import pyplot, plot_confusion
+        from infantino.export.plots import pyplot, plot_confusion
 
         plt = pyplot()
     except ImportError:

@@ -5,7 +5,7 @@ defaults below, then ``INFANTINO_*`` environment variables (``INFANTINO_DATA_DIR
 ``INFANTINO_DB_URL``, ``INFANTINO_MLFLOW_URI``, ``INFANTINO_AGGREGATE_K``, ...; JSON
 values are parsed), then ``test_config``. The same app runs under
 ``flask --app sync_server run``, ``infantino-server run`` and gunicorn
-(``gunicorn -c python:sync_server.gunicorn_conf -w 2 --threads 8 'sync_server.wsgi:app'``).
+(``gunicorn -c python:infantino.sync_server.gunicorn_conf -w 2 --threads 8 'infantino.sync_server.wsgi:app'``).
 """
 from __future__ import annotations
 
@@ -195,7 +195,8 @@ class ServerState:
 
 
 def create_app(test_config: Optional[dict] = None) -> Flask:
-    app = Flask(__name__)
+    here = Path(__file__).resolve().parent  # explicit paths: Flask cannot search the editable infantino.* namespace
+    app = Flask(__name__, root_path=str(here), instance_path=str(here / "instance"))
     app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env("INFANTINO")
     if test_config:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from flask import Blueprint, abort, current_app, g, jsonify, request, send_file
 
-from edge_runtime import wire
+from infantino.edge_runtime import wire
 
 from . import crops, models, publish
 from .auth import require
@@ -24,7 +24,7 @@ from .headgate import HeadGateError
 from .names import InvalidName, child_path
 from .store import StoreBusy, UpdateRecord
 
-bp = Blueprint("v1", __name__, url_prefix="/v1")
+bp = Blueprint("v1", __name__, url_prefix="/v1", root_path=str(Path(__file__).parent))
 
 KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 MAX_METRICS = 32
@@ -218,7 +218,7 @@ def post_update():
     cfg = current_app.config
     body = _read_body(cfg["MAX_UPDATE_BYTES"])
     if not body:
-        refuse(400, "malformed", "empty body; send the update as an npz (edge_runtime.wire.encode_update)")
+        refuse(400, "malformed", "empty body; send the update as an npz (infantino.edge_runtime.wire.encode_update)")
     raw_meta, arrays = _decode(body, max_inflated=cfg["MAX_UPDATE_BYTES"] * 4)
     meta = _check_meta(raw_meta, cfg)
     client = g.client

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from edge_runtime.clitools import OneLineParser, add_verbose, run_command
+from infantino.edge_runtime.clitools import OneLineParser, add_verbose, run_command
 
 PROG = "infantino-server"
 DEFAULT_PACKAGE_ENV = "INFANTINO_DEFAULT_PACKAGE"
@@ -160,12 +160,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         run_simple(args.host, args.port, create_app(), threaded=True)
         return 0
-    # sync_server.gunicorn_conf: the slow-client-safe gthread worker, timeouts, the metrics folder
-    argv = [sys.executable, "-m", "gunicorn", "--config", "python:sync_server.gunicorn_conf", "--workers", str(args.workers),
+    # infantino.sync_server.gunicorn_conf: the slow-client-safe gthread worker, timeouts, the metrics folder
+    argv = [sys.executable, "-m", "gunicorn", "--config", "python:infantino.sync_server.gunicorn_conf", "--workers", str(args.workers),
             "--threads", str(args.threads), "--bind", f"{args.host}:{args.port}"]
     if args.access_log:
         argv += ["--access-logfile", "-"]
-    argv.append("sync_server.wsgi:app")
+    argv.append("infantino.sync_server.wsgi:app")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, env)

@@ -1,6 +1,6 @@
 """Consented infant face crops: validate, store per device, list, export, purge.
 
-Only devices whose owner opted in send crops (``edge_runtime.consent``); the server keeps
+Only devices whose owner opted in send crops (``infantino.edge_runtime.consent``); the server keeps
 them per device so that one request (``infantino-server device purge NAME``) deletes all
 of a device's crops. Exported as an ImageFolder tree of PNGs, they are what
 ``infantino-export train --images DIR`` fine-tunes the extractor on.
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import delete, func, insert, select
 
-from edge_runtime.consent import CROPS_FORMAT
+from infantino.edge_runtime.consent import CROPS_FORMAT
 
 from . import store as st
 from .names import InvalidName, check_device_name, child_path

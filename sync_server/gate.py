@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from edge_runtime.device import Device, DeviceConfig
-from edge_runtime.evaluate import embed_folder, score
+from infantino.edge_runtime.device import Device, DeviceConfig
+from infantino.edge_runtime.evaluate import embed_folder, score
 
 
 @dataclass(frozen=True)

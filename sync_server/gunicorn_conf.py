@@ -1,6 +1,6 @@
-"""gunicorn settings of ``infantino-server run`` (``-c python:sync_server.gunicorn_conf``).
+"""gunicorn settings of ``infantino-server run`` (``-c python:infantino.sync_server.gunicorn_conf``).
 
-* the slow-client-safe worker (``sync_server.worker``) and its timeouts;
+* the slow-client-safe worker (``infantino.sync_server.worker``) and its timeouts;
 * prometheus_client's multiprocess folder: events (updates accepted/refused, request
   latency) happen in every worker, so each worker writes them to files in one folder that
   ``GET /metrics`` reads, whichever worker answers. The folder is made before the workers
@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-worker_class = "sync_server.worker.GuardedThreadWorker"
+worker_class = "infantino.sync_server.worker.GuardedThreadWorker"
 timeout = 120
 graceful_timeout = 20
 keepalive = 5

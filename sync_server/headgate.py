@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from edge_runtime.metrics import summarize
+from infantino.edge_runtime.metrics import summarize
 
 from . import store as st
 from .gate import SetScore, decide
@@ -38,8 +38,8 @@ class HeadGateError(RuntimeError):
 
 def embed_held_out(package_dir: Path, folder: str, threads: int = 2) -> HeldOut:
     """The held-out ImageFolder embedded as a fresh device running this package would embed it."""
-    from edge_runtime.device import Device, DeviceConfig
-    from edge_runtime.evaluate import embed_folder
+    from infantino.edge_runtime.device import Device, DeviceConfig
+    from infantino.edge_runtime.evaluate import embed_folder
 
     with tempfile.TemporaryDirectory(prefix="infantino-headgate-") as tmp:
         device = Device(package_dir, tmp, DeviceConfig(threads=threads, autosave=False))

@@ -4,7 +4,7 @@ Two kinds of numbers, each from where it is true for the whole server:
 
 * **events** (update answers by outcome and reason, request latency) happen in whichever
   gunicorn worker took the request; they are prometheus_client metrics, in multiprocess
-  mode under ``infantino-server run`` (``sync_server.gunicorn_conf`` sets the folder), so
+  mode under ``infantino-server run`` (``infantino.sync_server.gunicorn_conf`` sets the folder), so
   any worker's scrape sums all workers;
 * **state** (updates buffered/aggregated/refused, devices waiting, rounds, served head and
   package, MLflow outbox backlog and its last error) is read from the store at scrape time:

@@ -17,8 +17,8 @@ from typing import Optional
 
 from sqlalchemy import func, insert, select, update
 
-from edge_runtime.head import HeadFormatError, OnlineHead
-from edge_runtime.package import MANIFEST, PackageError, open_package, sha256_file
+from infantino.edge_runtime.head import HeadFormatError, OnlineHead
+from infantino.edge_runtime.package import MANIFEST, PackageError, open_package, sha256_file
 
 from . import store as st
 from .names import InvalidName, child_path

@@ -12,11 +12,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-from edge_runtime.sync_client import Http
+from infantino.edge_runtime.sync_client import Http
 
 from . import store as st
 from .models import promote_package
@@ -30,6 +32,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cli(*args: str, env: Optional[dict] = None, check: bool = True) -> subprocess.CompletedProcess:
+    """``infantino-server ARGS`` in a child process (what an operator types), output captured."""
+    res = subprocess.run([sys.executable, "-m", "infantino.sync_server.cli", *args], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, **(env or {})}, timeout=120)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"infantino-server {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+@contextlib.contextmanager
+def scratch_schema_url(base_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL schema, dropped afterwards; the URL puts it first on the search path,
+    so tests and benchmarks share one database without seeing each other's tables."""
+    import sqlalchemy as sa
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(base_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    sep = "&" if "?" in base_url else "?"
+    try:
+        yield f"{base_url}{sep}options=" + urllib.parse.quote(f"-csearch_path={schema}")
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
+
+
 class ServerProcess:
     """``infantino-server run`` (gunicorn, guarded gthread workers) on 127.0.0.1, in its own process group."""
 
@@ -39,7 +69,7 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.data_dir / f"server-{self.port}.log"
-        self.argv = [sys.executable, "-m", "sync_server.cli", "run", "--data-dir", str(self.data_dir), "--port", str(self.port),
+        self.argv = [sys.executable, "-m", "infantino.sync_server.cli", "run", "--data-dir", str(self.data_dir), "--port", str(self.port),
                      "--workers", str(workers), "--threads", str(threads), "--mlflow-uri", mlflow_uri,
                      "--aggregate-k", str(aggregate_k)]
         if db_url:

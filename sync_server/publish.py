@@ -17,7 +17,7 @@ from typing import Optional
 
 from sqlalchemy import insert
 
-from edge_runtime.package import PackageError, open_package
+from infantino.edge_runtime.package import PackageError, open_package
 
 from . import store as st
 from .gate import GateResult, run_gate

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 from sqlalchemy import insert, select, update
 
-from edge_runtime.head import HeadParams, OnlineHead
+from infantino.edge_runtime.head import HeadParams, OnlineHead
 
 from . import store as st
 from .aggregate import Strategy, aggregate_deltas, label_cap, unflatten

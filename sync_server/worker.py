@@ -10,7 +10,7 @@ packages, chunked uploads) are read by the thread under a socket timeout (``SO_R
 and responses are written under ``SO_SNDTIMEO``, so a client that stops reading or sending
 frees its thread. In production put a buffering reverse proxy in front (docs/server.md).
 
-    gunicorn -k sync_server.worker.GuardedThreadWorker -c python:sync_server.gunicorn_conf ...
+    gunicorn -k infantino.sync_server.worker.GuardedThreadWorker -c python:infantino.sync_server.gunicorn_conf ...
 """
 from __future__ import annotations
 

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.datasets import data_root
+from infantino.edge_runtime.datasets import data_root
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 DATA = data_root()  # $INFANTINO_DATA, else ../shared/data
-sys.path.insert(0, str(TESTS))
 pytest_plugins = ["pytester"]  # tests/test_ci_skips.py runs pytest on small files with this conftest
 
 # In CI (``CI`` set, as ``.ci/run`` is run) every skip is a missing install step, service, browser
@@ -58,7 +57,7 @@ def pytest_make_collect_report(collector):
 @pytest.fixture(scope="session")
 def tiny_package_dir(tmp_path_factory) -> Path:
     """A real (tiny) model package; copy it before changing anything inside."""
-    from tiny_package import build_tiny_package
+    from infantino.export.tiny_package import build_tiny_package
 
     return build_tiny_package(tmp_path_factory.mktemp("pkg") / "model")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tiny_package import synthetic_face
+from infantino.export.tiny_package import synthetic_face
 
-from edge_runtime.device import Device, DeviceConfig
+from infantino.edge_runtime.device import Device, DeviceConfig
 
 # Tests feed synthetic 64x64 faces: no Haar detection (it would only fall back to the centre).
 FAST = DeviceConfig(threads=1, detect_faces=False)

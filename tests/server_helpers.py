@@ -16,33 +16,16 @@ from typing import Iterator, Optional
 import numpy as np
 import pytest
 
-from edge_runtime import wire
-from sync_server.process import REPO, ServerProcess, free_port  # noqa: F401 - re-exported for the tests
-from sync_server.process import LocalServer as Server  # noqa: F401
-from edge_runtime.device import Device, DeviceConfig
-from edge_runtime.sync_client import DeviceLearner
-from tiny_package import synthetic_face
+from infantino.edge_runtime import wire
+from infantino.sync_server.process import REPO, ServerProcess, cli, free_port  # noqa: F401 - re-exported for the tests
+from infantino.sync_server.process import scratch_schema_url as pg_schema_url  # noqa: F401
+from infantino.sync_server.process import LocalServer as Server  # noqa: F401
+from infantino.edge_runtime.device import Device, DeviceConfig
+from infantino.edge_runtime.sync_client import DeviceLearner
+from infantino.export.tiny_package import synthetic_face
 
 PG_URL = os.environ.get("INFANTINO_TEST_PG_URL")
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not PG_URL, reason="INFANTINO_TEST_PG_URL not set (.ci/pg.sh)"))]
-
-
-@contextlib.contextmanager
-def pg_schema_url(base_url: str) -> Iterator[str]:
-    """A fresh schema in the test database; the URL puts it first on the search path."""
-    import sqlalchemy as sa
-
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    engine = sa.create_engine(base_url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    sep = "&" if "?" in base_url else "?"
-    try:
-        yield f"{base_url}{sep}options=" + urllib.parse.quote(f"-csearch_path={schema}")
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-        engine.dispose()
 
 
 @contextlib.contextmanager
@@ -64,14 +47,6 @@ def make_update(info: dict, layers, device: str, *, shift: float = 0.01, key: Op
         layers=moved, n_samples=n_samples, idempotency_key=key or uuid.uuid4().hex, metrics=metrics or {"accuracy": 0.5},
         kind=kind,
     )
-
-
-def cli(*args: str, env: Optional[dict] = None, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "sync_server.cli", *args], capture_output=True, text=True, cwd=REPO,
-                         env={**os.environ, **(env or {})}, timeout=120)
-    if check and res.returncode != 0:
-        raise AssertionError(f"infantino-server {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    return res
 
 
 # --------------------------------------------------------------------------- a served tiny package, real devices

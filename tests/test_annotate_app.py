@@ -9,7 +9,7 @@ pytest.importorskip("flask")
 
 from edge_helpers import face, open_device
 
-from edge_runtime.annotate import create_app
+from infantino.edge_runtime.annotate import create_app
 
 TOKEN = "kX3v-9Qe_t2LmZ8wRb"  # 18 characters: long enough for a page beyond loopback
 
@@ -182,7 +182,7 @@ def test_security_headers(app):
 
 
 def test_the_cli_has_an_annotate_command_that_loads_flask_only_when_run(capsys):
-    from edge_runtime.cli import build_parser
+    from infantino.edge_runtime.cli import build_parser
 
     args = build_parser().parse_args(["annotate", "--state-dir", "s", "--host", "0.0.0.0", "--port", "9000", "--token", "1234"])
     assert (args.host, args.port, args.token, args.func.__name__) == ("0.0.0.0", 9000, "1234", "run_annotate")

@@ -15,7 +15,7 @@ pytest.importorskip("selenium")
 from edge_helpers import face, open_device
 
 from conftest import REPO
-from edge_runtime.annotate import create_app
+from infantino.edge_runtime.annotate import create_app
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM = Path("/usr/bin/chromium")

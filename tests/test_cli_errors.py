@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO
 
-MODULES = {"server": "sync_server.cli", "export": "export.cli", "demo": "fleet_demo.cli", "edge": "edge_runtime.cli"}
+MODULES = {"server": "infantino.sync_server.cli", "export": "infantino.export.cli", "demo": "infantino.fleet_demo.cli", "edge": "infantino.edge_runtime.cli"}
 
 
 def _run(tool: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -56,7 +56,7 @@ def test_verbose_adds_the_traceback_after_the_same_line(tmp_path):
 def test_a_machine_without_the_postgres_driver_is_told_which_extra_to_install(tmp_path):
     # The driver is installed here (the postgres extra); block its import as on a machine without it.
     code = ("import sys; sys.modules['psycopg2'] = None\n"
-            "from sync_server.cli import main\n"
+            "from infantino.sync_server.cli import main\n"
             f"sys.exit(main(['status', '--db-url', 'postgresql+psycopg2://u:p@127.0.0.1:1/db', '--data-dir', {str(tmp_path)!r}]))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 1

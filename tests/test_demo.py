@@ -16,14 +16,14 @@ import pytest
 
 from conftest import REPO, require_data
 from edge_helpers import write_image_folder
-from edge_runtime.preprocess import CLASSES
-from edge_runtime.datasets import image_folders_record, image_set_record
-from fleet_demo.cli import main
-from fleet_demo.data import plan_split, trained_on_held_out
-from fleet_demo.fleet import pick
-from sync_server import store as st
-from sync_server.crops import counts
-from tiny_package import build_tiny_package
+from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.datasets import image_folders_record, image_set_record
+from infantino.fleet_demo.cli import main
+from infantino.fleet_demo.data import plan_split, trained_on_held_out
+from infantino.fleet_demo.fleet import pick
+from infantino.sync_server import store as st
+from infantino.sync_server.crops import counts
+from infantino.export.tiny_package import build_tiny_package
 
 
 def test_pick_takes_the_most_uncertain_first_or_a_seeded_random_set():
@@ -82,7 +82,7 @@ def test_missing_images_is_one_clear_line(tmp_path, capsys):
 
 def test_a_killed_demo_stops_its_server_and_workers(tmp_path, tiny_package_dir):
     images = write_image_folder(tmp_path / "photos", per_class=8, seed=4, classes=CLASSES)
-    demo = subprocess.Popen([sys.executable, "-m", "fleet_demo.cli", "--quick", "--no-mlflow", "--images", str(images),
+    demo = subprocess.Popen([sys.executable, "-m", "infantino.fleet_demo.cli", "--quick", "--no-mlflow", "--images", str(images),
                              "--model-dir", str(tiny_package_dir), "--out", str(tmp_path / "o")],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

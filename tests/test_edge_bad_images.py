@@ -12,8 +12,8 @@ from PIL import Image
 
 from conftest import REPO
 from edge_helpers import face, open_device
-from edge_runtime.annotation_queue import AnnotationQueue
-from edge_runtime.preprocess import DEVICE_MEMORY, ImageError
+from infantino.edge_runtime.annotation_queue import AnnotationQueue
+from infantino.edge_runtime.preprocess import DEVICE_MEMORY, ImageError
 
 
 def _png(img: Image.Image) -> bytes:
@@ -85,7 +85,7 @@ def test_a_blank_frame_queued_before_the_upgrade_is_not_learned(tiny_package_dir
 
 def test_the_page_answers_422_for_a_blank_queued_frame(tiny_package_dir, tmp_path):
     pytest.importorskip("flask")
-    from edge_runtime.annotate import create_app
+    from infantino.edge_runtime.annotate import create_app
 
     device = open_device(tiny_package_dir, tmp_path / "state")
     blank = device.queue.add(np.zeros((64, 64), np.uint8), predicted="sad", uncertainty=0.9, probabilities=[1 / 7] * 7,
@@ -100,7 +100,7 @@ def test_the_page_answers_422_for_a_blank_queued_frame(tiny_package_dir, tmp_pat
 
 DEVICE_RSS = textwrap.dedent("""
     import sys
-    from edge_runtime.device import Device, DeviceConfig
+    from infantino.edge_runtime.device import Device, DeviceConfig
 
     def peak_mb():  # VmHWM: this process's own peak (ru_maxrss would carry the forking parent's over exec)
         line = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]

@@ -10,8 +10,8 @@ import pytest
 from conftest import REPO
 from edge_helpers import face, png_bytes, tree_digest, write_image_folder
 
-from edge_runtime.cli import SUBCOMMANDS, main
-from edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.cli import SUBCOMMANDS, main
+from infantino.edge_runtime.preprocess import CLASSES
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_a_tampered_package_is_refused_by_the_console_script(tiny_package_dir, t
     pkg = tmp_path / "pkg"
     shutil.copytree(tiny_package_dir, pkg)
     (pkg / "head.npz").write_bytes((pkg / "head.npz").read_bytes()[:-3] + b"xyz")
-    r = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "predict", str(frames[0]), *_opts(pkg, tmp_path / "s")],
+    r = subprocess.run([sys.executable, "-m", "infantino.edge_runtime.cli", "predict", str(frames[0]), *_opts(pkg, tmp_path / "s")],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip().count("\n") == 0 and "sha256" in r.stderr

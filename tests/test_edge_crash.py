@@ -90,7 +90,7 @@ CONSENTING_LEARNER = textwrap.dedent("""
 
 def _frame_numbers(state) -> list[int]:
     """Which frames' crops wait in the consent outbox (their number is in the first four pixels)."""
-    from edge_runtime.consent import CropOutbox
+    from infantino.edge_runtime.consent import CropOutbox
 
     crops, _, _ = CropOutbox(state).batch(10_000)
     return [int(np.frombuffer(np.ascontiguousarray(c[0, :4]).tobytes(), np.uint32)[0]) for c in crops]

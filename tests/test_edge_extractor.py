@@ -6,10 +6,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tiny_package import EMBED_DIM
+from infantino.export.tiny_package import EMBED_DIM
 
-from edge_runtime.extractor import Extractor, ExtractorError, cpu_session
-from edge_runtime.preprocess import faces_tensor
+from infantino.edge_runtime.extractor import Extractor, ExtractorError, cpu_session
+from infantino.edge_runtime.preprocess import faces_tensor
 
 
 def _faces(n: int) -> np.ndarray:

@@ -12,7 +12,7 @@ HEAVY = ["torch", "timm", "mlflow", "flask", "matplotlib"]
 
 
 def _modules_after(code: str) -> set[str]:
-    probe = code + "\nimport sys, json\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    probe = code + "\nimport sys, json\nprint(json.dumps(sorted({'.'.join(m.split('.')[:2]) if m.startswith('infantino.') else m.split('.')[0] for m in sys.modules})))\n"
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     return set(json.loads(r.stdout.strip().splitlines()[-1]))
@@ -20,8 +20,8 @@ def _modules_after(code: str) -> set[str]:
 
 def test_importing_edge_runtime_imports_no_training_or_server_framework():
     loaded = _modules_after(
-        "import edge_runtime, edge_runtime.device, edge_runtime.cli, edge_runtime.evaluate, edge_runtime.extractor, "
-        "edge_runtime.state, edge_runtime.replay, edge_runtime.uncertainty, edge_runtime.annotation_queue, edge_runtime.head"
+        "import infantino.edge_runtime, infantino.edge_runtime.device, infantino.edge_runtime.cli, infantino.edge_runtime.evaluate, infantino.edge_runtime.extractor, "
+        "infantino.edge_runtime.state, infantino.edge_runtime.replay, infantino.edge_runtime.uncertainty, infantino.edge_runtime.annotation_queue, infantino.edge_runtime.head"
     )
     assert not loaded & set(HEAVY)
 
@@ -37,5 +37,5 @@ def test_a_device_that_predicts_and_learns_never_imports_sklearn_or_scipy(tiny_p
         device.learn(face(1), "sad")
         device.resolve(p.queued_id, "sad")
     """))
-    assert "edge_runtime" in loaded and "onnxruntime" in loaded
+    assert "infantino.edge_runtime" in loaded and "onnxruntime" in loaded
     assert not loaded & {"sklearn", "scipy", *HEAVY}

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from edge_runtime.annotation_queue import ID_PATTERN, AnnotationQueue, QueueError
+from infantino.edge_runtime.annotation_queue import ID_PATTERN, AnnotationQueue, QueueError
 
 
 def _add(q: AnnotationQueue, key: str | None = None, value: int = 0) -> str | None:

@@ -13,10 +13,10 @@ import pytest
 
 from conftest import REPO, require_data
 
-from edge_runtime.cli import main
-from edge_runtime.imagefolder import list_image_folder, split_items, write_split
-from edge_runtime.preprocess import CLASSES
-from edge_runtime.splits import stratified_split
+from infantino.edge_runtime.cli import main
+from infantino.edge_runtime.imagefolder import list_image_folder, split_items, write_split
+from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.splits import stratified_split
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +45,9 @@ def test_streaming_infant_labels_gains_on_infants_and_keeps_adult_faces(tmp_path
     fer_dir, images, labels, keep = _fer_folders(tmp_path, fer_npz)
 
     # A replay seed of FER training faces, for packages that do not carry one yet.
-    from edge_runtime.device import Device, DeviceConfig
-    from edge_runtime.preprocess import faces_tensor
-    from edge_runtime.replay import balanced_indices
+    from infantino.edge_runtime.device import Device, DeviceConfig
+    from infantino.edge_runtime.preprocess import faces_tensor
+    from infantino.edge_runtime.replay import balanced_indices
 
     device = Device(models, tmp_path / "scratch", DeviceConfig(threads=2))
     idx = keep[balanced_indices(labels[keep], 64, np.random.default_rng(0))]

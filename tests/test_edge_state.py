@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 
-from edge_runtime.state import StateError, StateStore, decode, encode
+from infantino.edge_runtime.state import StateError, StateStore, decode, encode
 
 
 def _arrays(v: float) -> dict[str, np.ndarray]:

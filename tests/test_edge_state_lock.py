@@ -12,11 +12,11 @@ import time
 import pytest
 
 from conftest import REPO
-from edge_runtime.state_lock import StateLock, StateLockTimeout
+from infantino.edge_runtime.state_lock import StateLock, StateLockTimeout
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from edge_runtime.state_lock import StateLock
+    from infantino.edge_runtime.state_lock import StateLock
     with StateLock.of(sys.argv[1]).hold():
         print("held", flush=True)
         time.sleep(float(sys.argv[2]))

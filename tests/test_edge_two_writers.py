@@ -23,10 +23,10 @@ from PIL import Image
 
 from conftest import REPO, TESTS
 from edge_helpers import face, open_device
-from edge_runtime import wire
-from edge_runtime.device import Device, DeviceConfig
-from edge_runtime.state import StateConflict
-from edge_runtime.sync_client import SyncState
+from infantino.edge_runtime import wire
+from infantino.edge_runtime.device import Device, DeviceConfig
+from infantino.edge_runtime.state import StateConflict
+from infantino.edge_runtime.sync_client import SyncState
 
 CLI_CONFIG = DeviceConfig(threads=1, detect_faces=False)  # what `infantino-edge ... --no-face-detect --threads 1` opens
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -55,7 +55,7 @@ DEVICE_LOOP = textwrap.dedent("""
 
 
 def _edge(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edge_runtime.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "infantino.edge_runtime.cli", *args], capture_output=True, text=True, cwd=REPO,
                           env=ENV, timeout=timeout)
 
 
@@ -107,7 +107,7 @@ def _page_post(opener, base: str, path: str, body: dict, csrf: str) -> dict:
 
 def _start_page(state: Path, port: int, log: Path) -> tuple[subprocess.Popen, str]:
     with open(log, "wb") as out:  # a file, not a pipe: a full pipe would stall the page's request log
-        page = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "annotate", "--state-dir", str(state), "--port", str(port),
+        page = subprocess.Popen([sys.executable, "-m", "infantino.edge_runtime.cli", "annotate", "--state-dir", str(state), "--port", str(port),
                                  "--no-face-detect", "--threads", "1"], stdout=out, stderr=out, cwd=REPO, env=ENV)
     base = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 90
@@ -142,7 +142,7 @@ def sync_server(tmp_path, tiny_package_dir):
 def test_the_page_keeps_the_head_sync_adopted_and_sync_never_uploads_its_undoing(sync_server, tmp_path, tiny_package_dir):
     from server_helpers import free_port, new_device, teach
 
-    from edge_runtime.sync_client import sync_device
+    from infantino.edge_runtime.sync_client import sync_device
 
     # Prepare: a synced device with three queued frames, its caregiver page in its own process
     model, state = tmp_path / "model", tmp_path / "state"
@@ -233,7 +233,7 @@ def test_unsaved_changes_are_never_written_over_another_process_s_save(tiny_pack
 
 
 def test_a_device_on_an_older_package_refuses_after_another_process_moved_the_folder(tiny_package_dir, tmp_path):
-    from edge_runtime.package import Manifest, read_manifest, write_manifest
+    from infantino.edge_runtime.package import Manifest, read_manifest, write_manifest
 
     state = tmp_path / "state"
     old = open_device(tiny_package_dir, state)

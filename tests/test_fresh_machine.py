@@ -14,17 +14,17 @@ from PIL import Image
 
 from conftest import REPO
 from edge_helpers import face
-from edge_runtime.datasets import DataMissing, fer_file, image_folders_record, image_set_record
-from edge_runtime.package import open_package
-from edge_runtime.preprocess import CLASSES
-from edge_runtime.sync_client import Http, SyncError
+from infantino.edge_runtime.datasets import DataMissing, fer_file, image_folders_record, image_set_record
+from infantino.edge_runtime.package import open_package
+from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.sync_client import Http, SyncError
 from server_helpers import ServerProcess, cli
 
 RELEASE = REPO / "data" / "models"
 
 
 def _edge(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edge_runtime.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "infantino.edge_runtime.cli", *args], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
@@ -67,7 +67,7 @@ def test_a_served_package_is_never_replaced_by_the_default_on_restart(tmp_path, 
 
 
 def test_the_default_package_can_be_turned_off(tmp_path):
-    from sync_server.cli import build_parser, default_package
+    from infantino.sync_server.cli import build_parser, default_package
 
     data = tmp_path / "server"
     token = cli("device", "add", "cam-off", "--data-dir", str(data), "--mlflow-uri", "off").stdout.strip()
@@ -81,17 +81,17 @@ def test_the_default_package_can_be_turned_off(tmp_path):
 
 
 def test_the_public_api_imports_from_the_package_without_heavy_frameworks():
-    probe = ("import sys, edge_runtime; light = 'onnxruntime' not in sys.modules\n"
-             "from edge_runtime import Device, DeviceConfig, Prediction\n"
+    probe = ("import sys, infantino.edge_runtime; light = 'onnxruntime' not in sys.modules\n"
+             "from infantino.edge_runtime import Device, DeviceConfig, Prediction\n"
              "heavy = sorted(m for m in ('torch', 'timm', 'mlflow', 'flask') if m in sys.modules)\n"
              "print(light, Device.__module__, DeviceConfig.__name__, Prediction.__name__, heavy)")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["True", "edge_runtime.device", "DeviceConfig", "Prediction", "[]"]
+    assert r.stdout.split() == ["True", "infantino.edge_runtime.device", "DeviceConfig", "Prediction", "[]"]
     with pytest.raises(AttributeError, match="no attribute 'Devise'"):
-        import edge_runtime
+        import infantino.edge_runtime
 
-        edge_runtime.Devise  # noqa: B018 - a typo is an AttributeError, not a lazy import
+        infantino.edge_runtime.Devise  # noqa: B018 - a typo is an AttributeError, not a lazy import
 
 
 def test_the_readme_python_example_runs_on_the_release_package(tmp_path):

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from conftest import require_data
-from edge_runtime import preprocess as pp
-from edge_runtime.preprocess import DEFAULT_SPEC, ImageError, crop_face, decode_gray, normalize, prepare, resize_face
+from infantino.edge_runtime import preprocess as pp
+from infantino.edge_runtime.preprocess import DEFAULT_SPEC, ImageError, crop_face, decode_gray, normalize, prepare, resize_face
 
 
 def _gradient(w: int = 80, h: int = 60) -> np.ndarray:
@@ -134,8 +134,8 @@ def test_prepare_tensor_matches_manual_pipeline():
 def test_training_and_device_paths_agree_bit_for_bit():
     """FER faces as training loads them == the device's prepare() of the same face."""
     torch = pytest.importorskip("torch")
-    from export.augment import normalize_torch, to_unit
-    from export.data import load_fer
+    from infantino.export.augment import normalize_torch, to_unit
+    from infantino.export.data import load_fer
 
     fer = load_fer(require_data("fer2013", "fer2013_train.npz"), limit=32)
     with np.load(require_data("fer2013", "fer2013_train.npz")) as data:
@@ -197,7 +197,7 @@ def test_the_pixel_limit_follows_the_memory_budget():
 
 RSS_PROBE = """
 import sys
-from edge_runtime import preprocess
+from infantino.edge_runtime import preprocess
 
 def peak_kb():  # VmHWM: this process's own peak (ru_maxrss would carry the forking parent's over exec)
     return int([l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1])

@@ -7,17 +7,17 @@ import tarfile
 
 import pytest
 
-from edge_runtime.preprocess import CLASSES
-from edge_runtime.sync_client import Http, sync_device
+from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.sync_client import Http, sync_device
 from edge_helpers import write_image_folder
-from export import cli as export_cli
-from export.publish import package_tar, publish
+from infantino.export import cli as export_cli
+from infantino.export.publish import package_tar, publish
 from server_helpers import Server, free_port, new_device, teach
-from sync_server import cli as server_cli
-from sync_server import create_app
-from sync_server.gate import SetScore, decide
-from sync_server.models import promote_package
-from tiny_package import build_tiny_package
+from infantino.sync_server import cli as server_cli
+from infantino.sync_server import create_app
+from infantino.sync_server.gate import SetScore, decide
+from infantino.sync_server.models import promote_package
+from infantino.export.tiny_package import build_tiny_package
 
 
 def s(acc: float, n: int = 42) -> list[SetScore]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sync_server.aggregate import (Strategy, aggregate, aggregate_deltas, apply_step, clip_rows, coordinate_median,
+from infantino.sync_server.aggregate import (Strategy, aggregate, aggregate_deltas, apply_step, clip_rows, coordinate_median,
                                    flatten, ingest_bound, label_cap, merge_voices, sqrt_discount, trimmed_mean, unflatten)
 
 FEDAVG = Strategy(rule="fedavg", clip_norm=None)

@@ -10,12 +10,12 @@ import zipfile
 import numpy as np
 import pytest
 
-from edge_runtime import wire
-from edge_runtime.head import OnlineHead
+from infantino.edge_runtime import wire
+from infantino.edge_runtime.head import OnlineHead
 from server_helpers import make_update
-from sync_server import create_app
-from sync_server.aggregate import Strategy
-from sync_server.models import promote_package
+from infantino.sync_server import create_app
+from infantino.sync_server.aggregate import Strategy
+from infantino.sync_server.models import promote_package
 
 
 @pytest.fixture
@@ -183,7 +183,7 @@ def test_stale_updates_are_discounted_then_refused(app, client, tokens):
 
 
 def test_update_for_a_replaced_package_is_refused(app, client, tokens, tmp_path):
-    from tiny_package import build_tiny_package
+    from infantino.export.tiny_package import build_tiny_package
 
     s = app.extensions["infantino"]
     info, head = model(client, tokens["cam1"])

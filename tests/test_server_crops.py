@@ -8,14 +8,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from edge_runtime import wire
-from edge_runtime.consent import CROPS_FORMAT, OUTBOX_NAME
-from edge_runtime.preprocess import CLASSES
-from edge_runtime.sync_client import DeviceLearner, Http, Syncer
-from export.data import load_image_folder
+from infantino.edge_runtime import wire
+from infantino.edge_runtime.consent import CROPS_FORMAT, OUTBOX_NAME
+from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.sync_client import DeviceLearner, Http, Syncer
+from infantino.export.data import load_image_folder
 from server_helpers import CONFIG, Server, new_device, teach
-from sync_server import cli as server_cli
-from sync_server.crops import counts
+from infantino.sync_server import cli as server_cli
+from infantino.sync_server.crops import counts
 
 SHARING = replace(CONFIG, share_crops=True)
 
@@ -27,7 +27,7 @@ def server(tmp_path_factory, tiny_package_dir):
 
 
 def sharing_device(root, package, name: str) -> DeviceLearner:
-    from edge_runtime.device import Device
+    from infantino.edge_runtime.device import Device
 
     plain = new_device(root, package, name)
     return DeviceLearner(Device(plain.device.package.folder, plain.device.state_dir, SHARING))
@@ -87,7 +87,7 @@ def test_crops_never_leave_a_device_that_did_not_opt_in(server, tmp_path, tiny_p
 
 
 def test_withdrawing_consent_deletes_what_was_waiting(server, tmp_path, tiny_package_dir):
-    from edge_runtime.device import Device
+    from infantino.edge_runtime.device import Device
 
     dev = sharing_device(tmp_path, tiny_package_dir, "changes-mind")
     teach(dev, [4, 5, 6], seed=7)
@@ -104,7 +104,7 @@ def test_withdrawing_consent_deletes_what_was_waiting(server, tmp_path, tiny_pac
 
 
 def test_withdrawing_with_erase_deletes_the_uploaded_crops_at_the_next_sync(server, tmp_path, tiny_package_dir):
-    from edge_runtime.consent import record_consent
+    from infantino.edge_runtime.consent import record_consent
 
     dev = sharing_device(tmp_path, tiny_package_dir, "erases")
     teach(dev, [0, 3], seed=10)

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from sqlalchemy import insert
 
-from edge_runtime import wire
+from infantino.edge_runtime import wire
 from server_helpers import REPO, Server, cli, make_update
-from sync_server import create_app
-from sync_server import store as st
-from sync_server.crops import export_folder
-from sync_server.models import PromoteError, promote_package
+from infantino.sync_server import create_app
+from infantino.sync_server import store as st
+from infantino.sync_server.crops import export_folder
+from infantino.sync_server.models import PromoteError, promote_package
 
 DEEP = 100_000  # far past Python's recursion limit
 
@@ -47,7 +47,7 @@ def auth(token: str) -> dict:
 
 def served(client, token):
     info = client.get("/v1/model", headers=auth(token)).json
-    from edge_runtime.head import OnlineHead
+    from infantino.edge_runtime.head import OnlineHead
 
     return info, OnlineHead.from_bytes(client.get(info["files"]["global_head"]["url"], headers=auth(token)).data)
 
@@ -149,7 +149,7 @@ def test_a_legit_21_mb_package_sent_chunked_is_promoted(running):
     release = REPO / "data" / "models"
     if not (release / "manifest.json").exists():
         pytest.skip("the release package is not in data/models")
-    from export.publish import package_tar
+    from infantino.export.publish import package_tar
 
     body = package_tar(release)
     assert len(body) > 20 * 1024 * 1024
@@ -204,7 +204,7 @@ def test_crops_export_never_writes_outside_its_folder(app, tmp_path):
 
 
 def test_a_package_listing_a_path_outside_itself_is_refused(app, tmp_path, tiny_package_dir):
-    from edge_runtime.package import read_manifest, sha256_file, write_manifest
+    from infantino.edge_runtime.package import read_manifest, sha256_file, write_manifest
 
     pkg = tmp_path / "pkg"
     shutil.copytree(tiny_package_dir, pkg)

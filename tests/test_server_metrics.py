@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_runtime import wire
+from infantino.edge_runtime import wire
 from server_helpers import Server
-from sync_server.store import sqlite_url
+from infantino.sync_server.store import sqlite_url
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

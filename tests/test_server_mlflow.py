@@ -10,10 +10,10 @@ import time
 import pytest
 
 from server_helpers import make_update
-from sync_server import create_app
-from sync_server.models import promote_package
-from sync_server.store import sqlite_url
-from sync_server.tracking import ALIAS, EXTRACTOR_MODEL, FEDERATED_EXPERIMENT, HEAD_MODEL
+from infantino.sync_server import create_app
+from infantino.sync_server.models import promote_package
+from infantino.sync_server.store import sqlite_url
+from infantino.sync_server.tracking import ALIAS, EXTRACTOR_MODEL, FEDERATED_EXPERIMENT, HEAD_MODEL
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # MLflow's own SQLAlchemy usage
 
@@ -85,7 +85,7 @@ def test_every_round_and_model_is_recorded_in_mlflow(tracked):
 
 def test_promoting_a_new_extractor_moves_the_alias_and_serves_it(tracked, tmp_path):
     from mlflow.tracking import MlflowClient
-    from tiny_package import build_tiny_package
+    from infantino.export.tiny_package import build_tiny_package
 
     app, s, tokens, _, _ = tracked
     promote_package(s.store, s.data_dir, build_tiny_package(tmp_path / "p2", version="tiny-2", seed=5))
@@ -184,7 +184,7 @@ def test_a_hanging_mlflow_blocks_neither_updates_nor_aggregation(tmp_path, tiny_
 def test_moving_the_production_alias_in_mlflow_decides_what_is_served(tracked):
     from mlflow.tracking import MlflowClient
 
-    from sync_server.models import serve_aliases
+    from infantino.sync_server.models import serve_aliases
 
     app, s, tokens, (first, second), _ = tracked
     s.tracker.drain()

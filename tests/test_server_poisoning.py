@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime import wire
-from edge_runtime.extractor import Extractor
-from edge_runtime.head import OnlineHead
-from edge_runtime.preprocess import CLASSES, faces_tensor
+from infantino.edge_runtime import wire
+from infantino.edge_runtime.extractor import Extractor
+from infantino.edge_runtime.head import OnlineHead
+from infantino.edge_runtime.preprocess import CLASSES, faces_tensor
 from edge_helpers import write_image_folder
-from sync_server import create_app
-from sync_server.models import promote_package
-from tiny_package import synthetic_face
+from infantino.sync_server import create_app
+from infantino.sync_server.models import promote_package
+from infantino.export.tiny_package import synthetic_face
 
 HONEST = 9
 ROUNDS = 4

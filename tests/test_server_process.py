@@ -8,11 +8,11 @@ import uuid
 
 import pytest
 
-from edge_runtime.head import OnlineHead
-from edge_runtime.sync_client import Http
+from infantino.edge_runtime.head import OnlineHead
+from infantino.edge_runtime.sync_client import Http
 from server_helpers import BACKENDS, ServerProcess, cli, make_update, store_url_for
-from sync_server import store as st
-from sync_server.models import promote_package
+from infantino.sync_server import store as st
+from infantino.sync_server.models import promote_package
 
 
 def _get_model(http: Http):

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from edge_runtime.head import OnlineHead
+from infantino.edge_runtime.head import OnlineHead
 from server_helpers import BACKENDS, REPO, store_url_for
-from sync_server import store as st
-from sync_server.aggregate import Strategy
-from sync_server.models import PromoteError, promote_package
-from sync_server.rounds import RoundPolicy, aggregate_once
+from infantino.sync_server import store as st
+from infantino.sync_server.aggregate import Strategy
+from infantino.sync_server.models import PromoteError, promote_package
+from infantino.sync_server.rounds import RoundPolicy, aggregate_once
 
 PLAIN = Strategy(rule="fedavg", clip_norm=None, staleness="none")  # the plain weighted mean, to check exact numbers
 NO_CAP = RoundPolicy(label_burst=1e9, clip_cap_factor=0.0)  # no label cap, no clip cap from past rounds
@@ -166,7 +166,7 @@ def test_killed_mid_aggregation_then_restarted_loses_and_doubles_nothing(served,
     head_before = store.serving().head_version
     log = tmp_path / "agg.log"
     env = {"INFANTINO_FAULT_AGGREGATE_PAUSE_S": "60", "PATH": "/usr/bin:/bin"}
-    argv = [sys.executable, "-m", "sync_server.cli", "aggregate", "--data-dir", str(data_dir), "--db-url", url,
+    argv = [sys.executable, "-m", "infantino.sync_server.cli", "aggregate", "--data-dir", str(data_dir), "--db-url", url,
             "--mlflow-uri", "off"]
     import os
 
@@ -193,7 +193,7 @@ def test_killed_mid_aggregation_then_restarted_loses_and_doubles_nothing(served,
 
 
 def test_promoting_a_new_package_supersedes_old_updates(served, tmp_path, tiny_package_dir):
-    from tiny_package import build_tiny_package
+    from infantino.export.tiny_package import build_tiny_package
 
     store, data_dir, _ = served
     cid = _client_id(store, "cam-p")
@@ -215,8 +215,8 @@ def test_promoting_a_new_package_supersedes_old_updates(served, tmp_path, tiny_p
 
 
 def test_a_head_not_made_for_the_extractor_is_refused(served, tmp_path, tiny_package_dir):
-    from edge_runtime.head import HeadParams
-    from edge_runtime.package import describe_files, read_manifest, write_manifest
+    from infantino.edge_runtime.head import HeadParams
+    from infantino.edge_runtime.package import describe_files, read_manifest, write_manifest
 
     store, data_dir, _ = served
     pkg = tmp_path / "mismatch"

@@ -7,13 +7,13 @@ import threading
 import numpy as np
 import pytest
 
-from edge_runtime.device import Device
-from edge_runtime.package import open_package
-from edge_runtime.sync_client import (DeviceLearner, Http, MergePolicy, SyncError, SyncState, adopt_and_replay,
+from infantino.edge_runtime.device import Device
+from infantino.edge_runtime.package import open_package
+from infantino.edge_runtime.sync_client import (DeviceLearner, Http, MergePolicy, SyncError, SyncState, adopt_and_replay,
                                       managed_model_dir, sync_device)
 from server_helpers import CONFIG, Server, free_port, new_device, teach
-from sync_server.models import promote_package
-from tiny_package import build_tiny_package, synthetic_face
+from infantino.sync_server.models import promote_package
+from infantino.export.tiny_package import build_tiny_package, synthetic_face
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_package_dir):
@@ -148,8 +148,8 @@ def test_a_new_extractor_is_installed_and_kept_samples_are_reembedded(tmp_path, 
         assert report.package_changed and report.package_version == "tiny-2" and report.replayed == 21
         assert device.package.version == "tiny-2" and open_package(managed_model_dir(device.state_dir)).version == "tiny-2"
         # the replay buffer now holds the kept crops embedded by the *new* extractor
-        from edge_runtime.extractor import Extractor
-        from edge_runtime.preprocess import faces_tensor
+        from infantino.edge_runtime.extractor import Extractor
+        from infantino.edge_runtime.preprocess import faces_tensor
 
         crops, kept = dev.keeper.all()
         expected = Extractor(new_pkg / "extractor.onnx")(faces_tensor(crops))
@@ -160,7 +160,7 @@ def test_a_new_extractor_is_installed_and_kept_samples_are_reembedded(tmp_path, 
         # and the previous package stays for rollback
         assert SyncState(device.state_dir).package_dir("previous") is not None
         # local learning survived: the adopted head knows this nursery's faces (at least as well as the new bootstrap head)
-        from edge_runtime.head import OnlineHead
+        from infantino.edge_runtime.head import OnlineHead
 
         bootstrap = OnlineHead.load(new_pkg / "head.npz")
         before = (bootstrap.predict_proba(x).argmax(1) == y).mean()
@@ -215,9 +215,9 @@ def test_a_device_offline_for_days_syncs_cleanly(tmp_path, tiny_package_dir):
 
 
 def test_merge_policy_keeps_the_global_head_and_fits_local_samples(tiny_package_dir):
-    from edge_runtime.head import OnlineHead
-    from edge_runtime.preprocess import faces_tensor
-    from edge_runtime.extractor import Extractor
+    from infantino.edge_runtime.head import OnlineHead
+    from infantino.edge_runtime.preprocess import faces_tensor
+    from infantino.edge_runtime.extractor import Extractor
 
     global_head = OnlineHead.load(tiny_package_dir / "head.npz")
     rng = np.random.default_rng(11)
@@ -246,7 +246,7 @@ def test_the_edge_cli_syncs_and_refuses_a_revoked_token(server, tmp_path, tiny_p
     shutil.copytree(tiny_package_dir, model)
     state = tmp_path / "cli-state"
     token = server.token("cli-cam")
-    base = [sys.executable, "-m", "edge_runtime.cli", "sync", "--server", server.url, "--state-dir", str(state),
+    base = [sys.executable, "-m", "infantino.edge_runtime.cli", "sync", "--server", server.url, "--state-dir", str(state),
             "--no-face-detect", "--threads", "1"]
     run = subprocess.run(base + ["--model-dir", str(model), "--token", token, "--json"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)

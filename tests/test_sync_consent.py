@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_runtime import cli as edge_cli
-from edge_runtime.consent import LOCK_NAME, OUTBOX_NAME, CropOutbox, erase_pending, record_consent, recorded_consent
+from infantino.edge_runtime import cli as edge_cli
+from infantino.edge_runtime.consent import LOCK_NAME, OUTBOX_NAME, CropOutbox, erase_pending, record_consent, recorded_consent
 from server_helpers import free_port
 
 

@@ -12,11 +12,11 @@ pytest.importorskip("flask")
 
 from edge_helpers import open_device
 
-from edge_runtime.annotate import create_app
-from edge_runtime.watch.distress import DistressEvent
-from edge_runtime.watch.events import EventLog
-from edge_runtime.watch.live import watch_folder
-from edge_runtime.watch.timeline import Timeline
+from infantino.edge_runtime.annotate import create_app
+from infantino.edge_runtime.watch.distress import DistressEvent
+from infantino.edge_runtime.watch.events import EventLog
+from infantino.edge_runtime.watch.live import watch_folder
+from infantino.edge_runtime.watch.timeline import Timeline
 
 
 def _probs(classes, label: str) -> np.ndarray:

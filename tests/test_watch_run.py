@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.cli import main
-from edge_runtime.device import Device, DeviceConfig
-from edge_runtime.metrics import VALENCE_OF_CLASS
-from edge_runtime.uncertainty import DEFAULT_THRESHOLD
+from infantino.edge_runtime.cli import main
+from infantino.edge_runtime.device import Device, DeviceConfig
+from infantino.edge_runtime.metrics import VALENCE_OF_CLASS
+from infantino.edge_runtime.uncertainty import DEFAULT_THRESHOLD
 from watch_helpers import (frame_lines, read_frames, real_photos, records, start_watch, stop, synthetic_frames, wait_for,
                            write_video)
 

@@ -9,9 +9,9 @@ import threading
 from edge_helpers import open_device
 
 from conftest import TESTS
-from edge_runtime.watch.loop import Watch, WatchSettings
-from edge_runtime.watch.sources import open_source, parse_source
-from sync_server.process import free_port
+from infantino.edge_runtime.watch.loop import Watch, WatchSettings
+from infantino.edge_runtime.watch.sources import open_source, parse_source
+from infantino.sync_server.process import free_port
 from watch_helpers import frame_lines, wait_for
 
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from edge_runtime.device import Device
-from edge_runtime.sync_client import SyncState, managed_model_dir
-from edge_runtime.watch.loop import Watch, WatchSettings
-from edge_runtime.watch.sources import open_source, parse_source
-from edge_runtime.watch.sync_worker import SyncSettings
+from infantino.edge_runtime.device import Device
+from infantino.edge_runtime.sync_client import SyncState, managed_model_dir
+from infantino.edge_runtime.watch.loop import Watch, WatchSettings
+from infantino.edge_runtime.watch.sources import open_source, parse_source
+from infantino.edge_runtime.watch.sync_worker import SyncSettings
 from server_helpers import CONFIG, Server
-from sync_server.models import promote_package
-from sync_server.store import updates
-from tiny_package import build_tiny_package, synthetic_face
+from infantino.sync_server.models import promote_package
+from infantino.sync_server.store import updates
+from infantino.export.tiny_package import build_tiny_package, synthetic_face
 from watch_helpers import frame_lines, synthetic_frames, wait_for, write_video
 
 

@@ -11,17 +11,17 @@ import time
 import numpy as np
 import pytest
 
-from edge_runtime.watch.backoff import Backoff, jittered
-from edge_runtime.watch.distress import END, START, DistressMonitor, DistressSettings
-from edge_runtime.watch.events import AlertHook, EventLog
-from edge_runtime.watch.jsonl import AppendLog, read_records
-from edge_runtime.watch.queueing import QUEUE, QueuePolicy, QueueSettings
-from edge_runtime.watch.sampler import Sampler
-from edge_runtime.watch.slot import LatestSlot
-from edge_runtime.watch.sources import SourceError, parse_source, redact
-from edge_runtime.watch.summary import valence_of
-from edge_runtime.watch.timeline import Timeline, day_of
-from edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.watch.backoff import Backoff, jittered
+from infantino.edge_runtime.watch.distress import END, START, DistressMonitor, DistressSettings
+from infantino.edge_runtime.watch.events import AlertHook, EventLog
+from infantino.edge_runtime.watch.jsonl import AppendLog, read_records
+from infantino.edge_runtime.watch.queueing import QUEUE, QueuePolicy, QueueSettings
+from infantino.edge_runtime.watch.sampler import Sampler
+from infantino.edge_runtime.watch.slot import LatestSlot
+from infantino.edge_runtime.watch.sources import SourceError, parse_source, redact
+from infantino.edge_runtime.watch.summary import valence_of
+from infantino.edge_runtime.watch.timeline import Timeline, day_of
+from infantino.edge_runtime.preprocess import CLASSES
 
 DAY = 86400.0
 NOON = time.mktime((2026, 3, 10, 12, 0, 0, 0, 0, -1))  # a local noon, far from midnight and DST changes
@@ -239,7 +239,7 @@ def test_a_clean_restart_within_a_minute_replaces_its_partial_summary(tmp_path):
     tl = Timeline(tmp_path, CLASSES)
     _record(tl, NOON + 10, "happy")
     tl.close()
-    from edge_runtime.watch.live import _minutes
+    from infantino.edge_runtime.watch.live import _minutes
 
     merged = _minutes(tmp_path, NOON - 60, NOON + 120)
     assert len(merged) == 1 and merged[0]["frames"] == 2
@@ -289,7 +289,7 @@ def test_the_watch_imports_no_training_or_server_framework():
 
     from conftest import REPO
 
-    probe = ("import edge_runtime.cli, edge_runtime.watch.loop, edge_runtime.watch.cli, edge_runtime.watch.live, sys, json; "
+    probe = ("import infantino.edge_runtime.cli, infantino.edge_runtime.watch.loop, infantino.edge_runtime.watch.cli, infantino.edge_runtime.watch.live, sys, json; "
              "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

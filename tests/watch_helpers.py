@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from conftest import REPO, require_data
-from tiny_package import synthetic_face
+from infantino.export.tiny_package import synthetic_face
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -35,7 +35,7 @@ def write_video(path: Path, frames: Iterable[np.ndarray], fps: float, size: tupl
 
 def real_photos(n: int, seed: int = 0) -> list[np.ndarray]:
     """``n`` infant photos (RGB), a seeded pick from ../shared/data/infant; read only, never copied in."""
-    from edge_runtime.preprocess import decode_rgb
+    from infantino.edge_runtime.preprocess import decode_rgb
 
     root = require_data("infant")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -73,7 +73,7 @@ def frame_lines(state: Path) -> list[dict]:
 
 def start_watch(args: Sequence[str], env: Optional[dict] = None) -> subprocess.Popen:
     """``infantino-edge watch ...`` as a child process (stdout, stderr piped, text)."""
-    return subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "watch", *args], cwd=REPO, text=True,
+    return subprocess.Popen([sys.executable, "-m", "infantino.edge_runtime.cli", "watch", *args], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
 
 

@@ -28,6 +28,7 @@ import math
 import secrets
 import sys
 import threading
+from pathlib import Path
 from typing import Any, Optional
 
 from flask import Flask, abort, jsonify, redirect, request, session
@@ -62,7 +63,8 @@ def create_app(device: Any, *, token: Optional[str] = None, host: str = "127.0.0
         raise ValueError(problem)
     if not is_loopback(host) and not token:
         raise ValueError(f"binding the annotation page to {host} needs a --token (or bind to 127.0.0.1)")
-    app = Flask(__name__)
+    here = Path(__file__).resolve().parent  # explicit paths: Flask cannot search the editable infantino.* namespace
+    app = Flask(__name__, root_path=str(here), instance_path=str(here / "instance"))
     app.config.from_mapping(
         SECRET_KEY=secrets.token_bytes(32),  # per process: a restart signs everyone out, which is fine
         SESSION_COOKIE_HTTPONLY=True,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, abort, current_app, jsonify, render_template, request, send_file
@@ -11,7 +12,7 @@ from ..preprocess import ImageError
 from ..state import StateError
 from ..state_lock import StateLockTimeout
 
-bp = Blueprint("annotate", __name__)
+bp = Blueprint("annotate", __name__, root_path=str(Path(__file__).parent))
 
 
 def _ctx() -> dict[str, Any]:

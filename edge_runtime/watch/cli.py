@@ -1,4 +1,4 @@
-"""The ``watch`` subcommand's options and its run (the parser itself lives in ``edge_runtime.cli``).
+"""The ``watch`` subcommand's options and its run (the parser itself lives in ``infantino.edge_runtime.cli``).
 
 Exit codes: 0 at the end of a file or folder, or after SIGTERM / SIGINT; 2 when SOURCE
 cannot be opened (one line on stderr); 1 for any other error, as every ``infantino-edge``

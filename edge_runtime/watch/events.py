@@ -23,7 +23,7 @@ from typing import Optional
 
 from .jsonl import AppendLog, read_records
 
-log = logging.getLogger("edge_runtime.watch")
+log = logging.getLogger("infantino.edge_runtime.watch")
 EVENTS = "events.jsonl"
 
 

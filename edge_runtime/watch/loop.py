@@ -39,7 +39,7 @@ from .summary import NEGATIVE, valence_of
 from .sync_worker import SyncSettings, SyncWorker
 from .timeline import Timeline
 
-log = logging.getLogger("edge_runtime.watch")
+log = logging.getLogger("infantino.edge_runtime.watch")
 RUN_LOCK = ".watch.lock"
 
 

@@ -22,7 +22,7 @@ from .sampler import Sampler
 from .slot import LatestSlot
 from .sources import FrameSource, SourceError
 
-log = logging.getLogger("edge_runtime.watch")
+log = logging.getLogger("infantino.edge_runtime.watch")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Per-minute summaries of the timeline: what a caregiver (or a chart) wants from 120 frames.
 
 Shares are over the frames in which a face was found (a frame with no face says nothing
-about the expression); valence follows ``edge_runtime.metrics`` (happy positive; angry,
+about the expression); valence follows ``infantino.edge_runtime.metrics`` (happy positive; angry,
 disgust, fear, sad negative; surprise and neutral neutral), mapped by class name so a
 package with its classes in another order is still summarised right.
 """

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 from ..sync_client import AuthError, DeviceLearner, Http, SyncError, sync_device
 from .backoff import Backoff, jittered
 
-log = logging.getLogger("edge_runtime.watch")
+log = logging.getLogger("infantino.edge_runtime.watch")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""A tiny but real model package for tests: an ONNX linear extractor built with onnx.helper.
+"""A tiny but real model package for tests, benchmarks and smoke runs: an ONNX linear extractor built with onnx.helper.
 
 The extractor flattens the (N, 1, 64, 64) input and projects it to 16 dimensions with a
 fixed random matrix, so embeddings carry real image information and ONNX Runtime runs a
@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_runtime.head import HeadParams, OnlineHead
-from edge_runtime.package import Manifest, describe_files, write_manifest
-from edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, faces_tensor
+from infantino.edge_runtime.head import HeadParams, OnlineHead
+from infantino.edge_runtime.package import Manifest, describe_files, write_manifest
+from infantino.edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, faces_tensor
 
 EMBED_DIM = 16
 
