@@ -544,6 +544,7 @@ class Device:
         hx, hy = self.holdout.all()
         judge = len(hy) >= c.guard_min_holdout
         before = float(self.head.log_loss(hx, hy).mean()) if judge else None
+        version = self.head.version  # a learning step leaves the version alone; an accepted update counts
         cp = self.head.checkpoint()
         self.head.learn_step(xb, yb, steps=c.learn_steps, sample_weight=weights, learning_rate=c.learning_rate,
                              anchor=self.anchor_weights, anchor_strength=self.anchor_strength)
@@ -555,6 +556,7 @@ class Device:
             return LearnResult(self.classes[y], False, True, held, self.head.version, before, after)
         self.replay.add(x, y, rng)
         self.counters["updates"] += 1
+        self.head.version = version + 1
         return LearnResult(self.classes[y], True, False, held, self.head.version, before, after)
 
     @property
