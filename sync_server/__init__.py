@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Optional
 
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
+
+from infantino.edge_runtime.backoff import backoff_delay
 
 from .aggregate import Strategy, ingest_bound
 from .rounds import RoundPolicy
@@ -188,7 +189,7 @@ class ServerState:
             except Exception:  # noqa: BLE001 - keep the thread alive, say why
                 failures += 1
                 log.exception("aggregation failed (will retry)")
-            timeout = 30.0 if failures == 0 else min(60.0, 2.0 ** failures) * random.uniform(0.8, 1.2)
+            timeout = 30.0 if failures == 0 else backoff_delay(failures, 1.0, 60.0, spread=(0.8, 1.2))
             time.sleep(0.2)  # rate limit: commits arrive far more often than steps are due
             self._wake.wait(timeout)
             self._wake.clear()
