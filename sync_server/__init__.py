@@ -46,6 +46,8 @@ DEFAULTS = {
     "COMMIT_TIMEOUT_S": 30.0,
     "BACKGROUND": True,          # aggregator and MLflow threads in each process
     "TRACKING_POLL_S": 5.0,
+    "MLFLOW_HTTP_TIMEOUT_S": 15.0,  # a remote MLflow that hangs fails fast (set in the environment by the CLI: MLflow reads only that)
+    "MLFLOW_HTTP_MAX_RETRIES": 0,   # ... and is not retried inside a request: the outbox retries with backoff
     "DELTA_RETENTION_S": 7 * 24 * 3600,  # arrays of aggregated updates are kept this long (rows forever)
     "FAULT_AGGREGATE_PAUSE_S": 0.0,  # fault injection for tests: hold the aggregation transaction open
     "GATE_DIRS": [],             # held-out ImageFolder sets a published package is judged on (the first decides)
@@ -78,6 +80,13 @@ def resolve_locations(data_dir: Optional[str], db_url: Optional[str], mlflow_uri
     return data, url, str(mlflow_uri), artifacts
 
 
+def tracking_settings(config, mlflow_uri: str, artifact_root: Optional[Path]):
+    from .tracking import TrackingSettings
+
+    return TrackingSettings(mlflow_uri, artifact_root, http_timeout_s=float(config["MLFLOW_HTTP_TIMEOUT_S"]),
+                            http_max_retries=int(config["MLFLOW_HTTP_MAX_RETRIES"]))
+
+
 class ServerState:
     """What the views share in one process: the store, the strategy, the background threads."""
 
@@ -92,12 +101,13 @@ class ServerState:
                                   clip_cap_factor=float(config["CLIP_CAP_FACTOR"]))
         self.head_gate = self._head_gate(config)
         self._bound_cache: dict[tuple[str, int], float] = {}
-        self.tracker = None
+        self.tracker = None  # the outbox worker (outbox.OutboxWorker) ...
+        self.recorder = None  # ... and what it records into (tracking.MlflowRecorder)
         if self.mlflow_uri:
-            from .tracking import Tracker
+            from .tracking import MlflowRecorder, tracking_worker
 
-            self.tracker = Tracker(self.store, self.data_dir, self.mlflow_uri, self.artifact_root,
-                                   poll_s=float(config["TRACKING_POLL_S"]))
+            self.recorder = MlflowRecorder(self.store, self.data_dir, tracking_settings(config, self.mlflow_uri, self.artifact_root))
+            self.tracker = tracking_worker(self.store, self.recorder, poll_s=float(config["TRACKING_POLL_S"]))
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._pid: Optional[int] = None

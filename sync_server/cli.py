@@ -50,7 +50,10 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _state(args: argparse.Namespace):
+    """The server state for one command. This process is ours: MLflow's HTTP settings (it reads
+    them only from the environment) go into its environment, where the operator set none."""
     from . import create_app
+    from .tracking import mlflow_http_env
 
     try:
         app = create_app({**_overrides(args), "BACKGROUND": False})
@@ -58,7 +61,10 @@ def _state(args: argparse.Namespace):
         if exc.name in ("psycopg2", "psycopg"):
             raise RuntimeError("the PostgreSQL driver is not installed: pip install 'infantino-edge[postgres]'") from exc
         raise
-    return app.extensions["infantino"]
+    state = app.extensions["infantino"]
+    if state.recorder is not None:
+        os.environ.update(mlflow_http_env(state.recorder.settings, os.environ))
+    return state
 
 
 def parse_strategy(text: str) -> dict:
@@ -148,7 +154,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.strategy:
         env["INFANTINO_STRATEGY"] = json.dumps(parse_strategy(args.strategy))
     os.environ.update(env)
-    state = _state(args)  # create the tables once, before the workers race to
+    state = _state(args)  # create (or upgrade) the tables once, before the workers race to
+    if state.recorder is not None:
+        from .tracking import mlflow_http_env
+
+        env.update(mlflow_http_env(state.recorder.settings, env))
     print(f"{PROG}: store {state.db_url.split('@')[-1]}, MLflow {state.mlflow_uri or 'off'}, "
           f"data {state.data_dir}", file=sys.stderr)
     serve_default_if_empty(state, default_package(args))
@@ -251,10 +261,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
     state = _state(args)
     try:
         if args.from_mlflow_alias:
-            if state.tracker is None:
+            if state.recorder is None:
                 print(f"{PROG}: error: MLflow tracking is off", file=sys.stderr)
                 return 1
-            result = serve_aliases(state.store, *state.tracker.alias_targets())
+            result = serve_aliases(state.store, *state.recorder.alias_targets())
         elif args.head_version is not None:
             result = serve_head(state.store, args.head_version)
         elif args.package_dir and (args.gate_dir or gate_dirs(state.config) or args.force):

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select
-
 from infantino.edge_runtime.consent import CROPS_FORMAT
 
 from . import store as st
+from .db import bookkeeping as bk
 from .names import InvalidName, check_device_name, child_path
 
 MAX_CROPS_PER_BATCH = 512
@@ -77,41 +76,37 @@ def store_batch(store: st.Store, client_id: int, batch: CropBatch, package_versi
                      "batch_key": batch_key, "created_at": time.time()})
     unique = list({r["sha256"]: r for r in rows}.values())
     with store.write() as conn:
-        known = set(conn.execute(select(st.crops.c.sha256).where(
-            st.crops.c.client_id == client_id, st.crops.c.sha256.in_([r["sha256"] for r in unique]))).scalars())
+        known = bk.known_crops(conn, client_id, [r["sha256"] for r in unique])
         new = [r for r in unique if r["sha256"] not in known]
         if new:
-            conn.execute(insert(st.crops), new)
+            bk.insert_crops(conn, new)
     return len(new), len(rows) - len(new)
 
 
 def counts(store: st.Store) -> list[dict]:
     """Crops per device and class: ``[{"device", "label", "n"}]``."""
-    q = (select(st.clients.c.name, st.crops.c.label, func.count().label("n"))
-         .join(st.clients, st.clients.c.id == st.crops.c.client_id)
-         .group_by(st.clients.c.name, st.crops.c.label).order_by(st.clients.c.name, st.crops.c.label))
     with store.read() as conn:
-        return [{"device": r.name, "label": int(r.label), "n": int(r.n)} for r in conn.execute(q)]
+        return bk.crop_counts(conn)
 
 
 def _client_id(conn, name: str) -> int:
-    cid = conn.execute(select(st.clients.c.id).where(st.clients.c.name == name, st.clients.c.kind == "device")).scalar()
+    cid = bk.client_id_by_name(conn, name, kind="device")
     if cid is None:
         raise st.StoreError(f"no device named {name!r}")
-    return int(cid)
+    return cid
 
 
 def purge(store: st.Store, device: str) -> int:
     """Delete every crop of ``device`` (revoked or not); returns how many."""
     with store.write() as conn:
         cid = _client_id(conn, device)
-        return int(conn.execute(delete(st.crops).where(st.crops.c.client_id == cid)).rowcount or 0)
+        return bk.delete_crops(conn, cid)
 
 
 def purge_client(store: st.Store, client_id: int) -> int:
     """A device withdrawing its own consent (``DELETE /v1/crops``)."""
     with store.write() as conn:
-        return int(conn.execute(delete(st.crops).where(st.crops.c.client_id == client_id)).rowcount or 0)
+        return bk.delete_crops(conn, client_id)
 
 
 def _file_stem(name: str, client_id: int) -> str:
@@ -127,14 +122,11 @@ def export_folder(store: st.Store, out: Path, classes: list[str], device: str | 
     every path is checked to stay inside ``out``."""
     from PIL import Image
 
-    q = select(st.crops.c.id, st.crops.c.label, st.crops.c.height, st.crops.c.width, st.crops.c.pixels,
-               st.crops.c.client_id, st.clients.c.name).join(st.clients, st.clients.c.id == st.crops.c.client_id).order_by(st.crops.c.id)
     n = 0
     try:
         with store.read() as conn:
-            if device is not None:
-                q = q.where(st.crops.c.client_id == _client_id(conn, check_device_name(device)))
-            for r in conn.execute(q):
+            client_id = None if device is None else _client_id(conn, check_device_name(device))
+            for r in bk.crop_rows(conn, client_id):
                 path = child_path(Path(out), classes[r.label], f"{_file_stem(r.name, r.client_id)}-{r.id}.png")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 pixels = np.frombuffer(r.pixels, np.uint8).reshape(r.height, r.width)

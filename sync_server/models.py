@@ -8,19 +8,17 @@ receive; the MLflow ``production`` aliases follow it (see ``tracking``).
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
-from sqlalchemy import func, insert, select, update
-
 from infantino.edge_runtime.head import HeadFormatError, OnlineHead
 from infantino.edge_runtime.package import MANIFEST, PackageError, open_package, sha256_file
 
 from . import store as st
+from .db import queries as q
 from .names import InvalidName, child_path
 
 GLOBAL_HEAD_PREFIX = "global-head-"
@@ -115,44 +113,37 @@ def promote_package(store: st.Store, data_dir: Path, package_dir: Path) -> dict:
 
     now = time.time()
     with store.write() as conn:
-        store.lock_serving(conn)
-        existing = conn.execute(select(st.packages.c.manifest_sha256).where(st.packages.c.version == m.version)).first()
+        q.lock_serving(conn)
+        existing = q.package_row(conn, m.version)
         if existing is not None and existing.manifest_sha256 != manifest_sha:
             raise PromoteError(f"package version {m.version} was promoted before with a different manifest; give it a new version")
         if existing is None:
-            conn.execute(insert(st.packages).values(version=m.version, manifest=json.dumps(m.to_dict()),
-                                                    manifest_sha256=manifest_sha, folder=str(rel), created_at=now))
-            version = store.next_head_version(conn)
-            blob = head_blob(head, version)
-            conn.execute(insert(st.heads).values(version=version, package_version=m.version, parent_version=None,
-                                                 source="bootstrap", blob=blob, sha256=hashlib.sha256(blob).hexdigest(),
-                                                 created_at=now))
-            conn.execute(insert(st.outbox).values(kind="package", ref=m.version, created_at=now, attempts=0))
+            q.insert_package(conn, m.version, m.to_dict(), manifest_sha, str(rel), now)
+            version = q.next_head_version(conn)
+            q.insert_head(conn, version, m.version, None, "bootstrap", head_blob(head, version), now)
+            q.enqueue_tracking(conn, "package", m.version, now)
             action = "promoted"
         else:  # back to a package served before: its newest head
-            version = int(conn.execute(select(func.max(st.heads.c.version)).where(st.heads.c.package_version == m.version)).scalar_one())
+            version = q.newest_head(conn, m.version)
             action = "re-served"
-        superseded = conn.execute(update(st.updates).where(st.updates.c.status == "buffered",
-                                                           st.updates.c.package_version != m.version)
-                                  .values(status="superseded")).rowcount
-        _set_serving(conn, m.version, version, now)
-    return {"action": action, "package_version": m.version, "head_version": version, "superseded_updates": int(superseded or 0)}
+        superseded = q.supersede_buffered(conn, m.version)
+        q.set_serving(conn, m.version, version, now)
+    return {"action": action, "package_version": m.version, "head_version": version, "superseded_updates": superseded}
 
 
 def serve_head(store: st.Store, version: int) -> dict:
     """Serve an existing head (and its package): a rollback."""
     with store.write() as conn:
-        store.lock_serving(conn)
-        row = conn.execute(select(st.heads.c.package_version).where(st.heads.c.version == version)).first()
-        if row is None:
+        q.lock_serving(conn)
+        package_version = q.head_package(conn, version)
+        if package_version is None:
             raise PromoteError(f"no head version {version}")
-        superseded = conn.execute(update(st.updates).where(st.updates.c.status == "buffered",
-                                                           st.updates.c.package_version != row.package_version)
-                                  .values(status="superseded")).rowcount
-        _set_serving(conn, row.package_version, version, time.time())
-        conn.execute(insert(st.outbox).values(kind="serve", ref=str(version), created_at=time.time(), attempts=0))
-    return {"action": "served", "package_version": row.package_version, "head_version": version,
-            "superseded_updates": int(superseded or 0)}
+        superseded = q.supersede_buffered(conn, package_version)
+        now = time.time()
+        q.set_serving(conn, package_version, version, now)
+        q.enqueue_tracking(conn, "serve", str(version), now)
+    return {"action": "served", "package_version": package_version, "head_version": version,
+            "superseded_updates": superseded}
 
 
 def serve_aliases(store: st.Store, package_version: Optional[str], head_version: Optional[int]) -> dict:
@@ -162,23 +153,16 @@ def serve_aliases(store: st.Store, package_version: Optional[str], head_version:
         raise PromoteError("neither infantino-extractor nor infantino-head has a 'production' alias")
     if head_version is not None:
         with store.read() as conn:
-            row = conn.execute(select(st.heads.c.package_version).where(st.heads.c.version == head_version)).first()
-        if row is None:
+            head_package = q.head_package(conn, head_version)
+        if head_package is None:
             raise PromoteError(f"the head alias names head version {head_version}, which this server does not have")
-        if package_version is None or row.package_version == package_version:
+        if package_version is None or head_package == package_version:
             return serve_head(store, head_version)
     with store.read() as conn:
-        newest = conn.execute(select(func.max(st.heads.c.version)).where(st.heads.c.package_version == package_version)).scalar()
+        newest = q.newest_head(conn, package_version)
     if newest is None:
         raise PromoteError(f"the extractor alias names package {package_version}, which this server does not have")
-    return serve_head(store, int(newest))
-
-
-def _set_serving(conn, package_version: str, head_version: int, now: float) -> None:
-    res = conn.execute(update(st.serving).where(st.serving.c.id == 1)
-                       .values(package_version=package_version, head_version=head_version, updated_at=now))
-    if res.rowcount == 0:
-        conn.execute(insert(st.serving).values(id=1, package_version=package_version, head_version=head_version, updated_at=now))
+    return serve_head(store, newest)
 
 
 def etag(serving: st.Serving) -> str:

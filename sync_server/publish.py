@@ -6,7 +6,6 @@ both packages' numbers. A refused candidate leaves the serving row exactly as it
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import tarfile
@@ -15,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from sqlalchemy import insert
-
 from infantino.edge_runtime.package import PackageError, open_package
 
 from . import store as st
+from .db import bookkeeping as bk
+from .db import queries as q
 from .gate import GateResult, run_gate
 from .models import PromoteError, promote_package
 
@@ -122,7 +121,7 @@ def _record(store: st.Store, result: GateResult, decision: str) -> None:
     """Keep the decision and queue it for MLflow (logged by the tracker, like packages and heads)."""
     now = time.time()
     with store.write() as conn:
-        gate_id = conn.execute(insert(st.gates).values(
-            created_at=now, candidate_version=result.candidate_version, current_version=result.current_version,
-            passed=int(result.passed), decision=decision, result=json.dumps(result.to_dict()))).inserted_primary_key[0]
-        conn.execute(insert(st.outbox).values(kind="gate", ref=str(gate_id), created_at=now, attempts=0))
+        gate_id = bk.insert_gate(conn, now=now, candidate_version=result.candidate_version,
+                                 current_version=result.current_version, passed=result.passed, decision=decision,
+                                 result=result.to_dict())
+        q.enqueue_tracking(conn, "gate", str(gate_id), now)

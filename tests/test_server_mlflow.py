@@ -197,7 +197,7 @@ def test_moving_the_production_alias_in_mlflow_decides_what_is_served(tracked):
     client.set_registered_model_alias(HEAD_MODEL, ALIAS, head.version)
     assert s.tracker.drain() == {"logged": 0}  # the tracker leaves a hand-moved alias alone
     assert client.get_model_version_by_alias(HEAD_MODEL, ALIAS).version == head.version
-    result = serve_aliases(s.store, *s.tracker.alias_targets())
+    result = serve_aliases(s.store, *s.recorder.alias_targets())
     assert result["package_version"] == "tiny-1" and result["head_version"] == first.new_head_version
     served = app.test_client().get("/v1/model", headers=auth(tokens["cam1"])).json
     assert (served["package_version"], served["head_version"]) == ("tiny-1", first.new_head_version)
