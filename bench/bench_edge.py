@@ -185,11 +185,10 @@ def sklearn_comparison(model_dir: str, n: int) -> dict:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(25, head.input_dim)).astype(np.float32)  # 1 new + 8 replayed + 16 source
     y = rng.integers(0, 7, 25)
-    ref, fast = head.copy(), head.copy()
-    ref.clf  # build the sklearn object outside the timing
-    return {"partial_fit_ms": timeit(lambda: ref.clf.partial_fit(x, y), n),
+    ref, fast = head.to_sklearn(), head.copy()  # the sklearn object is built outside the timing
+    return {"partial_fit_ms": timeit(lambda: ref.partial_fit(x, y), n),
             "learn_step_ms": timeit(lambda: fast.learn_step(x, y), n),
-            "predict_proba_sklearn_ms": timeit(lambda: ref.clf.predict_proba(x[:1]), n),
+            "predict_proba_sklearn_ms": timeit(lambda: ref.predict_proba(x[:1]), n),
             "predict_proba_numpy_ms": timeit(lambda: fast.predict_proba(x[:1]), n)}
 
 

@@ -1,28 +1,35 @@
-"""The on-device head: a scikit-learn ``MLPClassifier`` that travels as plain arrays.
+"""The on-device head: a small MLP whose whole state is numpy arrays.
 
 ``head.npz`` holds ``coef_<i>``, ``intercept_<i>``, ``classes`` (names, column order of
 ``predict_proba``) and ``meta`` (JSON: hyper-parameters, version); optionally the Adam
 moments (``adam_m_<i>``, ``adam_v_<i>``, ``adam_t``) so learning resumes smoothly after a
 restart. It is loaded with ``allow_pickle=False``: a head file can never run code.
 
-On the device the hot paths (``predict_proba``, ``learn_step``) run the MLP's forward
-pass, backprop and Adam update in numpy on the very arrays that are the classifier's
-``coefs_`` / ``intercepts_`` (same formulas as scikit-learn, tested for parity). The
-``MLPClassifier`` itself is built only when someone asks for ``head.clf`` (export,
-``partial_fit``): importing scikit-learn pulls in SciPy and costs ~90 MB of RSS and
-seconds of start-up on a camera, for a 64x64x7 network.
+The weights and the Adam state live in one place, the head's own arrays; ``predict_proba``
+and ``learn_step`` run the MLP's math on them in numpy (``mlp.py``, the same formulas as
+scikit-learn, tested for parity). A scikit-learn ``MLPClassifier`` exists only at the
+boundary: ``fit`` trains one and keeps its arrays, ``to_sklearn`` hands out a copy (export,
+the parity tests), ``from_sklearn`` takes one back (``head_sklearn.py``). Importing
+scikit-learn pulls in SciPy and costs ~90 MB of RSS and seconds of start-up on a camera, for
+a 64x64x7 network, so a device that predicts and learns never does.
+
+``version`` belongs to sync: it is carried in the file and set by whoever makes or adopts a
+head (the server numbers global heads, the device counts the updates it accepts); a
+learning step never changes it.
 """
 from __future__ import annotations
 
 import io
 import json
-import warnings
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from . import head_sklearn
 from .atomic import atomic_write_bytes
+from .head_sklearn import new_classifier  # noqa: F401  (importable from here, as before)
+from .mlp import ACTIVATIONS, AdamState, Batch, adam_update, forward, loss_and_grads
 from .preprocess import CLASSES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,118 +67,35 @@ class HeadParams:
         return cls(**kw)
 
 
-def new_classifier(params: HeadParams, max_iter: int = 200) -> "MLPClassifier":
-    from sklearn.neural_network import MLPClassifier
-
-    return MLPClassifier(
-        hidden_layer_sizes=params.hidden_layer_sizes, activation=params.activation, solver="adam",
-        alpha=params.alpha, learning_rate_init=params.learning_rate_init, batch_size=params.batch_size,
-        random_state=params.random_state, max_iter=max_iter,
-    )
-
-
-# --------------------------------------------------------------------------- numpy MLP math
-# The same formulas as sklearn.neural_network (_base.ACTIVATIONS / DERIVATIVES, _backprop,
-# _compute_loss_grad, AdamOptimizer); tests compare both.
-
-def _activate(name: str, z: np.ndarray) -> np.ndarray:
-    if name == "relu":
-        return np.maximum(z, 0, out=z)
-    if name == "tanh":
-        return np.tanh(z, out=z)
-    if name == "logistic":
-        return np.divide(1.0, 1.0 + np.exp(-z), out=z)
-    if name == "identity":
-        return z
-    raise HeadFormatError(f"unknown activation {name!r}")
-
-
-def _derivative(name: str, a: np.ndarray, delta: np.ndarray) -> None:
-    """Multiply ``delta`` in place by the activation's derivative, given the activation ``a``."""
-    if name == "relu":
-        delta[a == 0] = 0
-    elif name == "tanh":
-        delta *= 1 - a**2
-    elif name == "logistic":
-        delta *= a * (1 - a)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
-
-
-class _Adam:
-    """Adam state with sklearn's ``AdamOptimizer`` attribute names and update rule."""
-
-    def __init__(self, params: Sequence[np.ndarray], learning_rate_init: float, beta_1: float = 0.9,
-                 beta_2: float = 0.999, epsilon: float = 1e-8):
-        self.learning_rate_init = float(learning_rate_init)
-        self.learning_rate = self.learning_rate_init
-        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
-        self.t = 0
-        self.ms = [np.zeros_like(p) for p in params]
-        self.vs = [np.zeros_like(p) for p in params]
-
-    def update_params(self, params: Sequence[np.ndarray], grads: Sequence[np.ndarray]) -> None:
-        self.t += 1
-        b1, b2 = self.beta_1, self.beta_2
-        self.ms = [b1 * m + (1 - b1) * g for m, g in zip(self.ms, grads)]
-        self.vs = [b2 * v + (1 - b2) * (g**2) for v, g in zip(self.vs, grads)]
-        self.learning_rate = self.learning_rate_init * np.sqrt(1 - b2**self.t) / (1 - b1**self.t)
-        for p, m, v in zip(params, self.ms, self.vs):
-            p -= self.learning_rate * m / (np.sqrt(v) + self.epsilon)
-
-
 @dataclass
 class HeadCheckpoint:
     """An in-memory copy of everything a learning step changes, for a cheap rollback."""
 
     weights: list[np.ndarray]
-    ms: list[np.ndarray] | None
-    vs: list[np.ndarray] | None
-    t: int
-    version: int
+    adam: AdamState | None
 
 
 class OnlineHead:
-    """An ``MLPClassifier`` whose classes are fixed (``CLASSES`` order) and whose weights are arrays.
+    """A head with fixed classes (``CLASSES`` order) whose weights and Adam state are numpy arrays.
 
-    ``version`` counts accepted updates; it is what the sync server compares.
-    """
+    ``version`` is the sync protocol's number for this head (see the module docstring)."""
 
-    def __init__(self, clf: "MLPClassifier | None", classes: Sequence[str] = CLASSES, params: HeadParams = HeadParams(),
-                 version: int = 0):
-        self._clf = clf
+    def __init__(self, coefs: Sequence[np.ndarray], intercepts: Sequence[np.ndarray], classes: Sequence[str] = CLASSES,
+                 params: HeadParams = HeadParams(), version: int = 0, adam: AdamState | None = None):
+        self._coefs = list(coefs)
+        self._intercepts = list(intercepts)
         self.classes = tuple(classes)
         self.params = params
         self.version = int(version)
-        self._coefs: list[np.ndarray] = list(clf.coefs_) if clf is not None else []
-        self._intercepts: list[np.ndarray] = list(clf.intercepts_) if clf is not None else []
-        self._adam: Any = getattr(clf, "_optimizer", None) if clf is not None else None
+        self._adam = adam  # None until the first learning step (or a file that carries moments)
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def fit(cls, embeddings: np.ndarray, labels: np.ndarray, params: HeadParams = HeadParams(), max_iter: int = 200,
             classes: Sequence[str] = CLASSES) -> "OnlineHead":
-        """Fit a fresh head on labelled embeddings (the bootstrap head, or a re-fit)."""
-        from sklearn.exceptions import ConvergenceWarning
-
-        clf = new_classifier(params, max_iter=max_iter)
-        n = len(classes)
-        # Warm the classifier with every class so classes_ is always the full range.
-        clf.partial_fit(np.zeros((n, embeddings.shape[1]), np.float32), np.arange(n), classes=np.arange(n))
-        # The warm-up's loss must not count as the best loss so far: warm-started fit keeps
-        # sklearn's early-stopping bookkeeping and would stop after n_iter_no_change epochs.
-        clf.best_loss_, clf._no_improvement_count, clf.loss_curve_ = np.inf, 0, []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.set_params(warm_start=True)
-            clf.fit(np.asarray(embeddings, np.float32), np.asarray(labels, np.int64))
-            clf.set_params(warm_start=False)
-        return cls(clf, classes, params)
+        """Fit a fresh head on labelled embeddings (the bootstrap head, or a re-fit) with scikit-learn."""
+        clf = head_sklearn.fit_classifier(embeddings, labels, params, max_iter, len(classes))
+        return cls.from_sklearn(clf, classes, params)
 
     @classmethod
     def from_arrays(cls, coefs: Sequence[np.ndarray], intercepts: Sequence[np.ndarray], classes: Sequence[str] = CLASSES,
@@ -180,34 +104,29 @@ class OnlineHead:
         coefs = [np.array(c, dtype=np.float64, copy=True) for c in coefs]
         intercepts = [np.array(b, dtype=np.float64, copy=True) for b in intercepts]
         validate_arrays(coefs, intercepts, len(classes), params)
-        _activate(params.activation, np.zeros(1))  # refuses an unknown activation now, not at predict time
-        head = cls(None, classes, params, version)
-        head._coefs, head._intercepts = coefs, intercepts
-        return head
+        if params.activation not in ACTIVATIONS:  # refused now, not at predict time
+            raise HeadFormatError(f"unknown activation {params.activation!r}")
+        return cls(coefs, intercepts, classes, params, version)
 
-    @property
-    def clf(self) -> "MLPClassifier":
-        """The scikit-learn classifier, built on first use around the same weight arrays."""
-        if self._clf is None:
-            from sklearn.neural_network._stochastic_optimizers import AdamOptimizer
+    @classmethod
+    def from_sklearn(cls, clf: "MLPClassifier", classes: Sequence[str] = CLASSES, params: HeadParams | None = None,
+                     version: int = 0) -> "OnlineHead":
+        """A head holding copies of a fitted classifier's weights and Adam state."""
+        coefs, intercepts, adam = head_sklearn.read_classifier(clf)
+        params = HeadParams.from_dict(head_sklearn.params_of(clf)) if params is None else params
+        validate_arrays(coefs, intercepts, len(classes), params)
+        return cls(coefs, intercepts, classes, params, version, adam)
 
-            clf = new_classifier(self.params)
-            n = len(self.classes)
-            clf.partial_fit(np.zeros((n, self.input_dim)), np.arange(n), classes=np.arange(n))
-            clf.coefs_, clf.intercepts_ = self._coefs, self._intercepts
-            clf.t_, clf.n_iter_ = 0, 0
-            del clf._optimizer  # rebuilt over the weights on the next partial_fit, unless we carry one
-            if self._adam is not None:
-                opt = AdamOptimizer(self.weights(), self._adam.learning_rate_init)
-                opt.ms, opt.vs, opt.t = self._adam.ms, self._adam.vs, self._adam.t
-                clf._optimizer = opt
-            self._clf = clf
-        return self._clf
+    def to_sklearn(self) -> "MLPClassifier":
+        """A fitted ``MLPClassifier`` with copies of this head's weights and Adam state.
+
+        Training it does not change the head: take the result back with ``from_sklearn``."""
+        return head_sklearn.build_classifier(self._coefs, self._intercepts, len(self.classes), self.params, self._adam)
 
     # ---------------------------------------------------------------- inference and learning
     @property
     def input_dim(self) -> int:
-        return int(self.coefs[0].shape[0])
+        return int(self._coefs[0].shape[0])
 
     def check_embeddings(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
@@ -221,17 +140,10 @@ class OnlineHead:
 
     def _forward(self, x: np.ndarray) -> list[np.ndarray]:
         """Activations of every layer, input first, softmax probabilities last (float64)."""
-        acts = [np.asarray(x, np.float64)]
-        coefs, intercepts = self.coefs, self.intercepts
-        last = len(coefs) - 1
-        for i, (w, b) in enumerate(zip(coefs, intercepts)):
-            z = acts[-1] @ w
-            z += b
-            acts.append(_softmax(z) if i == last else _activate(self.params.activation, z))
-        return acts
+        return forward(self._coefs, self._intercepts, self.params.activation, x)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, n_classes) in ``classes`` order; equals ``clf.predict_proba``."""
+        """Class probabilities (N, n_classes) in ``classes`` order; equals the classifier's ``predict_proba``."""
         return self._forward(self.check_embeddings(x))[-1].astype(np.float32)
 
     def log_loss(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -247,139 +159,81 @@ class OnlineHead:
         return y
 
     def partial_fit(self, x: np.ndarray, y: np.ndarray, steps: int = 1) -> None:
-        """``steps`` Adam epochs over one small batch through scikit-learn; ``version`` goes up by one."""
+        """``steps`` epochs of scikit-learn's own ``partial_fit`` (mini-batches of ``batch_size``) over one
+        batch, through a classifier built for the purpose; the head keeps the resulting arrays."""
         x = self.check_embeddings(x)
         y = self._check_labels(y, len(x))
-        clf = self.clf
+        clf = self.to_sklearn()
         for _ in range(steps):
             clf.partial_fit(x, y)
-        self._adam = clf._optimizer
-        self.version += 1
+        coefs, intercepts, adam = head_sklearn.read_classifier(clf)
+        for w, new in zip(self.weights(), coefs + intercepts):
+            w[...] = new
+        self._adam = adam
 
     def learn_step(self, x: np.ndarray, y: np.ndarray, steps: int = 1, sample_weight: np.ndarray | None = None,
                    learning_rate: float | None = None, anchor: Sequence[np.ndarray] | None = None,
                    anchor_strength: float = 0.0) -> float:
-        """``steps`` full-batch Adam steps in numpy, the same update as ``partial_fit`` on a batch of
-        at most ``batch_size`` samples, without its ~ms of per-call validation. ``version`` goes up by
-        one. Returns the training loss before the last step.
+        """``steps`` full-batch Adam steps in numpy, the same update as scikit-learn's ``partial_fit`` on a
+        batch of at most ``batch_size`` samples, without its ~ms of per-call validation. Returns the
+        training loss before the last step. ``learning_rate`` replaces the head's own for these steps.
 
         ``anchor`` (weights in ``weights()`` order) adds ``anchor_strength / 2 * ||w - anchor||^2``
         to the loss (L2-SP): the head may move toward new labels but is pulled back toward the
         model it started from, which is what keeps it from forgetting adult faces."""
         x = self.check_embeddings(x)
-        y = self._check_labels(y, len(x))
-        sw = None if sample_weight is None else np.asarray(sample_weight, np.float64).reshape(-1, 1)
-        sw_sum = float(len(x) if sw is None else sw.sum())
-        onehot = np.zeros((len(x), len(self.classes)))
-        onehot[np.arange(len(x)), y] = 1.0
+        batch = Batch.of(x, self._check_labels(y, len(x)), len(self.classes), sample_weight)
         params = self.weights()
-        adam = self._optimizer()
-        saved_lr = adam.learning_rate_init
-        if learning_rate is not None:  # for these steps only; the head's own rate stays as it is
-            adam.learning_rate_init = float(learning_rate)
         if anchor is not None and [a.shape for a in anchor] != [p.shape for p in params]:
             raise ValueError("anchor weights do not match the head's layers")
         pull = (list(anchor), float(anchor_strength)) if anchor is not None and anchor_strength > 0 else None
-        try:
-            loss = self._adam_steps(x, y, onehot, sw, sw_sum, params, adam, steps, pull)
-        finally:
-            adam.learning_rate_init = saved_lr
-        if self._clf is not None:
-            self._clf.t_ = getattr(self._clf, "t_", 0) + steps * len(x)
-        self.version += 1
-        return loss
-
-    def _adam_steps(self, x: np.ndarray, y: np.ndarray, onehot: np.ndarray, sw: np.ndarray | None, sw_sum: float,
-                    params: list[np.ndarray], adam: Any, steps: int,
-                    pull: tuple[list[np.ndarray], float] | None = None) -> float:
-        coefs = self.coefs
-        alpha, activation = self.params.alpha, self.params.activation
+        lr = self.params.learning_rate_init if learning_rate is None else float(learning_rate)
+        if self._adam is None:
+            self._adam = AdamState.zeros(params)
         loss = float("nan")
         for _ in range(steps):
-            acts = self._forward(x)
-            p = acts[-1]
-            ce = -np.log(np.clip(p[np.arange(len(p)), y], np.finfo(p.dtype).eps, 1.0))
-            loss = float((ce * sw[:, 0]).sum() / sw_sum if sw is not None else ce.mean())
-            loss += 0.5 * alpha * sum(float(np.dot(w.ravel(), w.ravel())) for w in coefs) / sw_sum
-            delta = p - onehot
-            if sw is not None:
-                delta *= sw
-            coef_grads: list[np.ndarray] = [None] * len(coefs)  # type: ignore[list-item]
-            intercept_grads: list[np.ndarray] = [None] * len(coefs)  # type: ignore[list-item]
-            for i in range(len(coefs) - 1, -1, -1):
-                coef_grads[i] = (acts[i].T @ delta + alpha * coefs[i]) / sw_sum
-                intercept_grads[i] = delta.sum(axis=0) / sw_sum
-                if i:
-                    delta = delta @ coefs[i].T
-                    _derivative(activation, acts[i], delta)
-            grads = coef_grads + intercept_grads
+            loss, grads = loss_and_grads(self._coefs, self._intercepts, self.params.activation, self.params.alpha, batch)
             if pull is not None:
                 grads = [g + pull[1] * (p - a) for g, p, a in zip(grads, params, pull[0])]
-            adam.update_params(params, grads)
+            adam_update(self._adam, params, grads, lr)
         return loss
 
-    def _optimizer(self) -> Any:
-        """The Adam state shared with the sklearn classifier when one was built."""
-        if self._clf is not None:
-            if getattr(self._clf, "_optimizer", None) is None:
-                from sklearn.neural_network._stochastic_optimizers import AdamOptimizer
-
-                self._clf._optimizer = AdamOptimizer(self.weights(), self.params.learning_rate_init)
-            self._adam = self._clf._optimizer
-        elif self._adam is None:
-            self._adam = _Adam(self.weights(), self.params.learning_rate_init)
-        return self._adam
-
     def checkpoint(self) -> HeadCheckpoint:
-        """Copies of the weights, Adam moments and version (microseconds for a 64-64-7 head)."""
-        adam = self._adam if self._clf is None else getattr(self._clf, "_optimizer", None)
-        return HeadCheckpoint(
-            [w.copy() for w in self.weights()],
-            None if adam is None else [m.copy() for m in adam.ms],
-            None if adam is None else [v.copy() for v in adam.vs],
-            0 if adam is None else int(adam.t), self.version,
-        )
+        """Copies of the weights and Adam state (microseconds for a 64-64-7 head)."""
+        return HeadCheckpoint([w.copy() for w in self.weights()], None if self._adam is None else self._adam.copy())
 
     def restore(self, cp: HeadCheckpoint) -> None:
-        """Put a checkpoint back in place (the arrays stay the same objects)."""
+        """Put a checkpoint back in place (the weight arrays stay the same objects)."""
         for w, saved in zip(self.weights(), cp.weights):
             w[...] = saved
-        adam = self._adam if self._clf is None else getattr(self._clf, "_optimizer", None)
-        if adam is not None and cp.ms is not None:
-            adam.ms, adam.vs, adam.t = [m.copy() for m in cp.ms], [v.copy() for v in cp.vs], cp.t
-        elif adam is not None:  # there was no Adam state before the step: drop the one it created
-            if self._clf is not None:
-                del self._clf._optimizer
-            self._adam = None
-        self.version = cp.version
+        self._adam = None if cp.adam is None else cp.adam.copy()
 
     # ---------------------------------------------------------------- arrays and files
     @property
     def coefs(self) -> list[np.ndarray]:
-        return list(self._clf.coefs_) if self._clf is not None else list(self._coefs)
+        return list(self._coefs)
 
     @property
     def intercepts(self) -> list[np.ndarray]:
-        return list(self._clf.intercepts_) if self._clf is not None else list(self._intercepts)
+        return list(self._intercepts)
 
     def weights(self) -> list[np.ndarray]:
-        """Flower-style NDArrays: coefs then intercepts."""
-        return self.coefs + self.intercepts
+        """Flower-style NDArrays: coefs then intercepts (the head's own arrays, not copies)."""
+        return self._coefs + self._intercepts
 
     def copy(self) -> "OnlineHead":
         return OnlineHead.from_bytes(self.to_bytes())
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {}
-        for i, (c, b) in enumerate(zip(self.coefs, self.intercepts)):
+        for i, (c, b) in enumerate(zip(self._coefs, self._intercepts)):
             arrays[f"coef_{i}"] = np.asarray(c, np.float32)
             arrays[f"intercept_{i}"] = np.asarray(b, np.float32)
-        opt = self._adam if self._clf is None else getattr(self._clf, "_optimizer", None)
-        if opt is not None and hasattr(opt, "ms"):
-            for i, (m, v) in enumerate(zip(opt.ms, opt.vs)):
+        if self._adam is not None:
+            for i, (m, v) in enumerate(zip(self._adam.ms, self._adam.vs)):
                 arrays[f"adam_m_{i}"] = np.asarray(m, np.float64)
                 arrays[f"adam_v_{i}"] = np.asarray(v, np.float64)
-            arrays["adam_t"] = np.asarray(opt.t, np.int64)
+            arrays["adam_t"] = np.asarray(self._adam.t, np.int64)
         arrays["classes"] = np.asarray(self.classes)
         meta = {"format": FORMAT, "params": self.params.to_dict(), "version": self.version}
         arrays["meta"] = np.asarray(json.dumps(meta))
@@ -406,13 +260,7 @@ class OnlineHead:
             classes = tuple(str(c) for c in npz["classes"])
             head = cls.from_arrays(coefs, intercepts, classes, params, int(meta.get("version", 0)))
             if "adam_t" in npz.files:
-                opt = _Adam(head.weights(), params.learning_rate_init)
-                ms = [np.array(npz[f"adam_m_{i}"], np.float64) for i in range(2 * n_layers)]
-                vs = [np.array(npz[f"adam_v_{i}"], np.float64) for i in range(2 * n_layers)]
-                if [m.shape for m in ms] != [w.shape for w in head.weights()] or [v.shape for v in vs] != [m.shape for m in ms]:
-                    raise HeadFormatError("Adam moments do not match the layer shapes")
-                opt.ms, opt.vs, opt.t = ms, vs, int(npz["adam_t"])
-                head._adam = opt
+                head._adam = _adam_from_npz(npz, head.weights())
             return head
         except HeadFormatError:
             raise
@@ -433,6 +281,15 @@ class OnlineHead:
     def load(cls, path) -> "OnlineHead":
         with open(path, "rb") as fh:
             return cls.from_bytes(fh.read())
+
+
+def _adam_from_npz(npz, weights: Sequence[np.ndarray]) -> AdamState:
+    n = len(weights)
+    state = AdamState([np.array(npz[f"adam_m_{i}"], np.float64) for i in range(n)],
+                      [np.array(npz[f"adam_v_{i}"], np.float64) for i in range(n)], int(npz["adam_t"]))
+    if not state.matches(weights):
+        raise HeadFormatError("Adam moments do not match the layer shapes")
+    return state
 
 
 def validate_arrays(coefs: Sequence[np.ndarray], intercepts: Sequence[np.ndarray], n_classes: int, params: HeadParams) -> None:

@@ -19,9 +19,10 @@ PROBABILITIES = "probabilities"
 
 
 def head_to_onnx(head: OnlineHead) -> onnx.ModelProto:
+    clf = head.to_sklearn()
     model = convert_sklearn(
-        head.clf, initial_types=[(OUTPUT, FloatTensorType([None, head.input_dim]))],
-        options={id(head.clf): {"zipmap": False}}, target_opset={"": OPSET, "ai.onnx.ml": 3},
+        clf, initial_types=[(OUTPUT, FloatTensorType([None, head.input_dim]))],
+        options={id(clf): {"zipmap": False}}, target_opset={"": OPSET, "ai.onnx.ml": 3},
     )
     # skl2onnx names the outputs "label" and "probabilities".
     return model

@@ -21,7 +21,7 @@ def _batch(seed: int = 1, n: int = 17) -> tuple[np.ndarray, np.ndarray]:
 
 def test_numpy_forward_matches_sklearn_predict_proba(fitted):
     x, _ = _batch()
-    np.testing.assert_allclose(fitted.predict_proba(x), fitted.clf.predict_proba(x), atol=1e-6)
+    np.testing.assert_allclose(fitted.predict_proba(x), fitted.to_sklearn().predict_proba(x), atol=1e-6)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -29,28 +29,63 @@ def test_learn_step_matches_partial_fit(fitted, weighted):
     # Prepare: two copies of the same head with the same Adam state
     x, y = _batch()
     sw = np.random.default_rng(2).uniform(0.5, 3.0, len(y)) if weighted else None
-    fast, ref = fitted.copy(), fitted.copy()
+    fast, ref = fitted.copy(), fitted.copy().to_sklearn()
     # Execute
     fast.learn_step(x, y, steps=3, sample_weight=sw)
     for _ in range(3):
-        ref.clf.partial_fit(x, y, sample_weight=sw)
+        ref.partial_fit(x, y, sample_weight=sw)
     # Assert
-    for a, b in zip(fast.weights(), ref.weights()):
+    for a, b in zip(fast.weights(), ref.coefs_ + ref.intercepts_):
         np.testing.assert_allclose(a, b, atol=1e-12)
+    assert fast.version == 0  # a learning step leaves the sync version alone
 
 
-def test_learn_step_works_on_a_head_loaded_without_sklearn(fitted, tmp_path):
-    fitted.save(tmp_path / "head.npz")
-    lazy = OnlineHead.load(tmp_path / "head.npz")
-    assert lazy._clf is None  # nothing built yet
+def test_partial_fit_keeps_the_arrays_and_adam_state_of_sklearns_step(fitted):
+    # Prepare
     x, y = _batch()
-    lazy.learn_step(x, y, steps=2)
-    built = OnlineHead.load(tmp_path / "head.npz")
-    built.clf  # the sklearn object now exists and shares the Adam state
-    built.learn_step(x, y, steps=2)
-    for a, b in zip(lazy.weights(), built.weights()):
+    head, ref = fitted.copy(), fitted.copy().to_sklearn()
+    arrays = head.weights()
+    # Execute: the head's partial_fit, then one more numpy step; sklearn takes both steps itself
+    head.partial_fit(x, y)
+    head.learn_step(x, y)
+    ref.partial_fit(x, y)
+    ref.partial_fit(x, y)
+    # Assert: same numbers, in the head's own arrays
+    for a, b, same in zip(head.weights(), ref.coefs_ + ref.intercepts_, arrays):
         np.testing.assert_allclose(a, b, atol=1e-12)
-    assert lazy.version == built.version == 1
+        assert a is same
+    assert head.version == 0
+
+
+def test_sklearn_round_trip_copies_weights_and_adam_state(fitted):
+    # Prepare: a head that has learned, so it carries Adam moments
+    head = fitted.copy()
+    head.learn_step(*_batch(), steps=2)
+    # Execute
+    clf = head.to_sklearn()
+    back = OnlineHead.from_sklearn(clf, head.classes, version=5)
+    clf.partial_fit(*_batch(5))  # training the classifier leaves both heads alone
+    # Assert
+    for a, b in zip(back.weights(), head.weights()):
+        np.testing.assert_array_equal(a, b)
+    assert back.params == head.params and back.version == 5
+    head.learn_step(*_batch(4))
+    back.learn_step(*_batch(4))
+    for a, b in zip(back.weights(), head.weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_learn_step_on_a_loaded_head_matches_sklearn_from_the_same_file(fitted, tmp_path):
+    fitted.save(tmp_path / "head.npz")
+    loaded = OnlineHead.load(tmp_path / "head.npz")
+    x, y = _batch()
+    loaded.learn_step(x, y, steps=2)
+    ref = OnlineHead.load(tmp_path / "head.npz").to_sklearn()  # carries the file's Adam state
+    ref.partial_fit(x, y)
+    ref.partial_fit(x, y)
+    for a, b in zip(loaded.weights(), ref.coefs_ + ref.intercepts_):
+        np.testing.assert_allclose(a, b, atol=1e-12)
+    assert loaded.version == fitted.version == 0
 
 
 def test_checkpoint_restore_undoes_a_step(fitted):
@@ -73,8 +108,9 @@ def test_checkpoint_restore_undoes_a_step(fitted):
 def test_npz_round_trip_keeps_adam_state_after_learning(fitted):
     head = fitted.copy()
     head.learn_step(*_batch(), steps=2)
+    head.version = 3  # set by sync or the device, carried by the file
     again = OnlineHead.from_bytes(head.to_bytes())
-    assert again.version == head.version == 1
+    assert again.version == head.version == 3
     head.learn_step(*_batch(4))
     again.learn_step(*_batch(4))
     for a, b in zip(head.weights(), again.weights()):
