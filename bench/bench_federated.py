@@ -86,7 +86,8 @@ def product_path(package: Path, faces: dict, n_devices: int, rounds: int, work: 
     from infantino.edge_runtime.head import OnlineHead
     from infantino.edge_runtime.package import open_package
     from infantino.edge_runtime.preprocess import faces_tensor
-    from infantino.edge_runtime.sync_client import DeviceLearner, Http, sync_device
+    from infantino.edge_runtime.sync.client import DeviceLearner, sync_device
+    from infantino.edge_runtime.sync.transport import Http
     from infantino.sync_server import store as st
     from infantino.sync_server.models import promote_package
     from infantino.sync_server.process import ServerProcess

@@ -56,7 +56,7 @@ def crafted_body(name: str, info: dict, shapes: list[tuple[int, ...]], classes: 
 def attack(url: str, tokens: dict[str, str], posts: int, shapes: list, classes: list[str]) -> list[int]:
     """Every hostile token posts ``posts`` crafted updates on the served head; returns the statuses."""
     from infantino.edge_runtime import wire
-    from infantino.edge_runtime.sync_client import Http
+    from infantino.edge_runtime.sync.transport import Http
 
     statuses = []
     for name, token in tokens.items():
@@ -90,7 +90,7 @@ def _server_env(strategy: str, gate_dir: Path | None) -> dict:
 
 def _devices(package: Path, faces: dict, work: Path, seed: int, rounds: int):
     from infantino.edge_runtime.device import Device, DeviceConfig
-    from infantino.edge_runtime.sync_client import DeviceLearner
+    from infantino.edge_runtime.sync.client import DeviceLearner
 
     config = DeviceConfig(detect_faces=False, seed=seed)
     learners, chunks = {}, {}
@@ -106,7 +106,8 @@ def run(package: Path, faces: dict, x_test: np.ndarray, strategy: str, scenario:
         work: Path, seed: int, rounds: int) -> dict:
     """One fleet: 9 honest devices, the scenario's attackers, ``rounds`` rounds; the served head's test accuracy."""
     from infantino.edge_runtime.head import OnlineHead
-    from infantino.edge_runtime.sync_client import Http, sync_device
+    from infantino.edge_runtime.sync.client import sync_device
+    from infantino.edge_runtime.sync.transport import Http
     from infantino.sync_server import store as st
     from infantino.sync_server.models import promote_package
     from infantino.sync_server.process import ServerProcess

@@ -199,7 +199,8 @@ def add_sync(sub) -> None:
 
 
 def run_sync(args: argparse.Namespace) -> int:
-    from .sync_client import managed_model_dir, sync_device
+    from .sync.client import sync_device
+    from .sync.state import managed_model_dir
 
     if not args.token:
         raise ValueError("give --token or set INFANTINO_DEVICE_TOKEN")

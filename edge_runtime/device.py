@@ -1,46 +1,52 @@
 """``Device``: what runs on the camera. Predict expressions, learn from caregivers, never lose it.
 
-A device opens a verified model package and a state folder. ``predict`` decodes a frame,
-crops the face, embeds it with ONNX Runtime and asks the head; frames the head is unsure
-about go to the annotation queue. ``learn`` takes the caregiver's label and makes one
-guarded update of the head, mixing in a class-balanced replay of earlier answers so the
-new one does not overwrite the old ones, and saves the whole state as one atomic,
-checksummed snapshot.
+A device opens a verified model package (``package_runtime``) and a state folder. ``predict``
+decodes a frame, crops the face, embeds it with ONNX Runtime and asks the head; frames the
+head is unsure about go to the annotation queue. ``learn`` takes the caregiver's label and
+makes one guarded update (``learner.GuardedLearner``, the learning policy), then saves the
+state as one atomic, checksummed snapshot (``device_state``) and appends the label's face
+crop to the kept samples (``samples``).
 
-    device = Device("data/models", "state")
+    device = Device("data/models", "state")     # Device.open(...) + device.recover()
     prediction, uncertainty = device.predict("frame.jpg")
     device.learn("frame.jpg", "happy")   # the embedding is reused from predict
+
+Sync asks the device for what it needs (``kept_embeddings``, ``package_head``) and switches
+it to a new package in place (``switch_package``), under the state folder's lock, so every
+holder of the object runs the new model from its next call.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
-from PIL import Image
 
-from .annotation_queue import DEFAULT_MAX_ITEMS, AnnotationQueue, QueueError
+from .annotation_queue import AnnotationQueue, QueueError
+from .config import DeviceConfig
 from .consent import CropOutbox, record_consent
-from .extractor import DEFAULT_THREADS, Extractor
-from .head import HeadFormatError, OnlineHead
-from .package import ModelPackage, PackageError, open_package
-from .facefinder import FaceFinder, uses_blazeface
-from .preprocess import ImageError, ImageSource, PreprocessSpec, Prepared, face_tensor, has_contrast, prepare, require_contrast
+from .device_state import STATE_FORMAT, apply_snapshot, learner_arrays, learner_meta, of_another_package
+from .head import OnlineHead
+from .learner import GuardedLearner, LearnResult
+from .package import ModelPackage
+from .package_runtime import PackageRuntime, embed_crops, load_replay_seed
+from .prediction import Cached, Learnable, Prediction, frame_key, source_name
+from .preprocess import ImageError, ImageSource, Prepared, face_tensor, has_contrast, require_contrast
 from .replay import HoldoutSet, ReplayBuffer
 from .samples import SampleKeeper
-from .state import StateConflict, StateError, StateStore
+from .state import StateConflict, StateStore
 from .state_lock import StateLock
-from .uncertainty import DEFAULT_THRESHOLD, Uncertainty
+from .sync.state import managed_model_dir
+from .uncertainty import Uncertainty
 
-STATE_FORMAT = "infantino-device-state/1"
+__all__ = ["Device", "DeviceConfig", "InputError", "LearnResult", "Prediction", "STATE_FORMAT", "default_model_dir",
+           "default_state_dir", "load_replay_seed"]
 log = logging.getLogger(__name__)
 
 
@@ -59,101 +65,12 @@ def default_model_dir() -> Path:
 
 def _model_dir_for(state_dir: str | os.PathLike | None) -> Path:
     """The package ``infantino-edge sync`` installed for this state folder, else ``default_model_dir()``."""
-    managed = Path(state_dir if state_dir is not None else default_state_dir()) / "sync" / "packages" / "current"
-    return managed if managed.exists() else default_model_dir()
+    return managed_model_dir(Path(state_dir if state_dir is not None else default_state_dir())) or default_model_dir()
 
 
 def default_state_dir() -> Path:
     """``$INFANTINO_STATE_DIR``, else ``~/.infantino-edge/state``."""
     return Path(os.environ.get("INFANTINO_STATE_DIR") or Path.home() / ".infantino-edge" / "state")
-
-
-@dataclass(frozen=True)
-class DeviceConfig:
-    """Settings of one device; the learning defaults were chosen by measurement (docs/edge.md)."""
-
-    threads: int = DEFAULT_THREADS  # ONNX Runtime intra-op threads
-    precision: str = "auto"  # "int8", "fp32", or "auto" (int8 when the package has it)
-    detect_faces: bool = True
-    detect_max_side: int | None = None  # Haar runs on a copy this size; None: the manifest's (320)
-    detect_coarse_side: int | None = 160  # look for a face at this size first, then at detect_max_side; None: one pass
-    uncertainty_threshold: float = DEFAULT_THRESHOLD  # frames scoring >= this are queued
-    queue_max: int = DEFAULT_MAX_ITEMS
-    queue_min_interval_s: float = 0.0  # a camera loop should set e.g. 10: one queued frame per interval at most
-    replay_per_class: int = 32  # reservoir slots per class
-    replay_mix: int = 8  # replayed caregiver labels in each update
-    source_mix: int = 16  # replayed source-domain (adult FER) embeddings per update, when the package has them
-    replay_seed: str | None = None  # npz of source-domain embeddings (x, y); default: the package's replay_seed role
-    anchor_strength: float | None = None  # L2-SP pull toward the starting head; None: 1.0 without source replay, else 0
-    new_weight: float = 4.0  # weight of the new label against one replayed sample
-    learn_steps: int = 1  # Adam steps per update
-    learning_rate: float | None = None  # None: the head's own learning_rate_init
-    holdout_per_class: int = 3  # labels per class kept back for the guard
-    holdout_every: int = 5  # every n-th label goes to the holdout
-    guard_min_holdout: int = 7  # the guard judges once it holds this many labels
-    guard_tolerance: float = 0.05  # holdout mean log-loss rise that counts as "clearly worse"
-    cache_size: int = 16  # recent frames whose embedding learn() can reuse
-    autosave: bool = True  # save the state after every learn
-    keep_generations: int = 3
-    share_crops: bool | None = None  # consent to upload labelled face crops at sync; None: as recorded in the state folder (off unless given)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.precision not in ("auto", "int8", "fp32"):
-            raise ValueError(f"precision must be auto, int8 or fp32, not {self.precision!r}")
-        if self.learn_steps < 1 or min(self.replay_mix, self.source_mix, self.replay_per_class, self.holdout_per_class) < 0:
-            raise ValueError("learn_steps must be >= 1 and buffer sizes >= 0")
-        if not 0.0 <= self.uncertainty_threshold <= 1.0:
-            raise ValueError("uncertainty_threshold must be in [0, 1]")
-
-
-@dataclass
-class Prediction:
-    """One frame's answer. Unpacks like the seed's API: ``label, uncertainty = prediction``."""
-
-    label: str
-    index: int
-    probabilities: np.ndarray  # float32, in ``classes`` order
-    uncertainty: float
-    entropy: float
-    margin: float
-    face_found: bool
-    box: tuple[int, int, int, int]
-    frame_key: str
-    queued_id: str | None = None
-    embedding: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
-    classes: tuple[str, ...] = field(default=(), repr=False)
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.label, self.uncertainty))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, self.probabilities)},
-                "uncertainty": round(self.uncertainty, 6), "entropy": round(self.entropy, 6), "margin": round(self.margin, 6),
-                "face_found": self.face_found, "box": list(self.box), "queued_id": self.queued_id}
-
-
-@dataclass
-class LearnResult:
-    """What one ``learn`` did: an accepted update, a rollback, or holding the label back."""
-
-    label: str
-    updated: bool  # the head changed
-    rolled_back: bool  # an update was made and undone by the guard
-    held_out: bool  # this label went to the guard's holdout
-    head_version: int
-    holdout_loss_before: float | None = None
-    holdout_loss_after: float | None = None
-
-
-@dataclass
-class _Cached:
-    embedding: np.ndarray
-    crop: np.ndarray
-    face_found: bool
-
-
-Learnable = Union[ImageSource, Prediction]
 
 
 class Device:
@@ -162,81 +79,108 @@ class Device:
 
     def __init__(self, model_dir: str | os.PathLike | None = None, state_dir: str | os.PathLike | None = None,
                  config: DeviceConfig = DeviceConfig(), *, session: Any = None):
+        """``Device.open`` then ``recover``: what a device needs after a crash is done before it is used."""
+        self._open(model_dir, state_dir, config, session)
+        self.recover()
+
+    @classmethod
+    def open(cls, model_dir: str | os.PathLike | None = None, state_dir: str | os.PathLike | None = None,
+             config: DeviceConfig = DeviceConfig(), *, session: Any = None, recover: bool = True) -> "Device":
+        """Open the package and the state folder; ``recover=False`` leaves ``recover`` to the caller."""
+        device = cls.__new__(cls)
+        device._open(model_dir, state_dir, config, session)
+        if recover:
+            device.recover()
+        return device
+
+    def _open(self, model_dir: str | os.PathLike | None, state_dir: str | os.PathLike | None, config: DeviceConfig,
+              session: Any) -> None:
+        """Package, stores and the newest snapshot; writes nothing but the consent record ``config`` states."""
         self.config = config
-        self.package: ModelPackage = open_package(model_dir if model_dir is not None else _model_dir_for(state_dir))
-        manifest = self.package.manifest
-        self.classes: tuple[str, ...] = tuple(manifest.classes)
-        self.spec = _device_spec(manifest.preprocess, config)
-        self.finder = FaceFinder.for_package(self.package, self.spec, threads=1)
-        self.extractor_role = self._extractor_role()
-        self.extractor = Extractor(self.package.path(self.extractor_role), threads=config.threads, session=session,
-                                   flip_average=self.spec.flip_average)
-        if self.extractor.dim is not None and self.extractor.dim != manifest.embedding_dim:
-            raise PackageError(f"extractor gives {self.extractor.dim}-d embeddings, the manifest says {manifest.embedding_dim}")
-        self.dim = manifest.embedding_dim
+        self._runtime = PackageRuntime.open(model_dir if model_dir is not None else _model_dir_for(state_dir), config,
+                                            session=session)
+        self._epoch = 0  # bumped by every package switch: embeddings of another epoch are not comparable
         self.state_dir = Path(state_dir if state_dir is not None else default_state_dir())
         self.store = StateStore(self.state_dir, keep=config.keep_generations)
         self._writer = StateLock.of(self.state_dir)  # one writer per state folder, across processes (state_lock.py)
+        self._lock = threading.RLock()
         self._seen_generation = 0  # the newest snapshot this object loaded or wrote
         self._saved_counters: dict[str, int] = {}  # the counters as that snapshot has them
         self._dirty = False  # changed since that snapshot (beyond prediction counts)
         self._pending_crops: list[tuple[np.ndarray, int]] = []  # consented crops, queued once their label is saved
-        self.queue = AnnotationQueue(self.state_dir / "queue", config.queue_max, self.classes)
-        # face crops of learned labels, re-embedded by sync when a new extractor arrives (sync_client)
-        self.samples = SampleKeeper(self.state_dir, per_class=config.replay_per_class, n_classes=len(self.classes), seed=config.seed)
-        self._samples_dirty = False
+        self._open_class_stores()
         if config.share_crops is not None:
             record_consent(self.state_dir, config.share_crops)  # False also deletes crops waiting to be sent
         self.outbox = CropOutbox(self.state_dir)  # takes crops only while consent is recorded (checked at each add)
         self._last_queued = float("-inf")
-        self._lock = threading.RLock()
-        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._cache: OrderedDict[str, Cached] = OrderedDict()
         self.generation = 0
-        self.source = self._load_source()
+        self._source = self._load_source()
         self._load_state()
-        self._learn_resolved_queue()
 
-    # ---------------------------------------------------------------- state
-    def _extractor_role(self) -> str:
-        want = self.config.precision
-        if want == "auto":
-            return "extractor_int8" if self.package.has("extractor_int8") else "extractor"
-        role = "extractor_int8" if want == "int8" else "extractor"
-        if not self.package.has(role):
-            raise PackageError(f"package {self.package.folder} has no {want} extractor")
-        return role
+    def _open_class_stores(self) -> None:
+        """The stores whose layout follows the package's classes: the queue and the kept face crops."""
+        self.queue = AnnotationQueue(self.state_dir / "queue", self.config.queue_max, self.classes)
+        # face crops of learned labels, re-embedded when a package with another extractor arrives (kept_embeddings)
+        self.samples = SampleKeeper(self.state_dir, per_class=self.config.replay_per_class, n_classes=len(self.classes),
+                                    seed=self.config.seed)
+
+    def recover(self) -> None:
+        """Finish what a crash (or an older version) left: learn the queue labels given just before it that
+        the saved state has not seen, and move kept crops from ``samples.npz`` to their append-only log."""
+        with self.change():
+            self.samples.migrate()
+            for item in self.queue.resolved():
+                if item.id in self.learner.learned_queue_ids:
+                    self.queue.remove(item.id, keep_label=True)
+                elif not has_contrast(self.queue.crop(item.id)):
+                    log.warning("queued frame %s is blank: dropped without learning", item.id)
+                    self.queue.remove(item.id, keep_label=True)
+                else:
+                    self._learn_queued(item.id, str(item.label))
+
+    # ---------------------------------------------------------------- what the package and the learner hold
+    package: ModelPackage = property(lambda self: self._runtime.package)  # type: ignore[assignment]
+    classes: tuple[str, ...] = property(lambda self: self._runtime.classes)  # type: ignore[assignment]
+    dim: int = property(lambda self: self._runtime.dim)  # type: ignore[assignment]
+    spec = property(lambda self: self._runtime.spec)
+    finder = property(lambda self: self._runtime.finder)
+    extractor = property(lambda self: self._runtime.extractor)
+    extractor_role: str = property(lambda self: self._runtime.extractor_role)  # type: ignore[assignment]
+    head: OnlineHead = property(lambda self: self.learner.head)  # type: ignore[assignment]
+    replay: ReplayBuffer = property(lambda self: self.learner.replay)  # type: ignore[assignment]
+    holdout: HoldoutSet = property(lambda self: self.learner.holdout)  # type: ignore[assignment]
+    counters: dict[str, int] = property(lambda self: self.learner.counters)  # type: ignore[assignment]
+    anchor_weights = property(lambda self: self.learner.anchor_weights)
+    anchor_strength: float = property(lambda self: self.learner.anchor_strength)  # type: ignore[assignment]
+
+    @property
+    def config(self) -> DeviceConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: DeviceConfig) -> None:
+        """A new config applies from the next call on (the learner's policy included)."""
+        self._config = config
+        if "learner" in self.__dict__:
+            self.learner.config = config
+
+    @property
+    def source(self) -> ReplayBuffer:
+        """Source-domain (adult FER) embeddings replayed next to the caregiver's labels (the package's)."""
+        return self._source
+
+    @source.setter
+    def source(self, buf: ReplayBuffer) -> None:
+        self._source = self.learner.source = buf
 
     def _load_source(self) -> ReplayBuffer:
-        """Source-domain (adult FER) embeddings replayed next to the caregiver's labels, so the
-        head keeps what it knew about adult faces; fixed, part of the package, not of the state."""
-        path = self.config.replay_seed or (self.package.path("replay_seed") if self.package.has("replay_seed") else None)
-        if path is None:
-            return ReplayBuffer(len(self.classes), self.dim, 0)
-        try:
-            x, y = load_replay_seed(path)
-        except (OSError, KeyError, ValueError) as exc:
-            raise PackageError(f"replay seed {Path(path).name}: {exc}") from exc
-        if x.shape[1] != self.dim or y.max(initial=0) >= len(self.classes):
-            raise PackageError(f"replay seed {Path(path).name} does not fit {self.dim}-d embeddings of {len(self.classes)} classes")
-        buf = ReplayBuffer(len(self.classes), self.dim, int(np.bincount(y, minlength=len(self.classes)).max(initial=0)))
-        rng = np.random.default_rng(0)
-        for xi, yi in zip(x, y):
-            buf.add(xi, int(yi), rng)
-        return buf
+        return self._runtime.source(self.config.replay_seed)
 
+    # ---------------------------------------------------------------- state
     def _fresh_state(self) -> None:
-        try:
-            self.head = OnlineHead.load(self.package.path("head"))
-        except HeadFormatError as exc:
-            raise PackageError(f"package head: {exc}") from exc
-        if self.head.classes != self.classes or self.head.input_dim != self.dim:
-            raise PackageError("package head does not match the manifest's classes or embedding size")
-        self.anchor_weights = [w.copy() for w in self.head.weights()]
-        n, c = len(self.classes), self.config
-        self.replay = ReplayBuffer(n, self.dim, c.replay_per_class)
-        self.holdout = HoldoutSet(n, self.dim, c.holdout_per_class)
-        self.counters: dict[str, int] = {k: 0 for k in ("predictions", "queued", "labels", "updates", "rollbacks", "held_out", "from_queue", "adopted")}
-        self.learned_queue_ids: list[str] = []
+        """The package's own head, empty buffers and counters (the learner before any snapshot)."""
+        self.learner = GuardedLearner(self._runtime.head(), self.config, self._source)
 
     def _load_state(self) -> None:
         """The newest snapshot, read under the folder's writer lock (never half of another process's save)."""
@@ -247,35 +191,16 @@ class Device:
             if snap is None:
                 return
             self._seen_generation = snap.generation
-            if snap.meta.get("format") == STATE_FORMAT and snap.meta.get("package_version") != self.package.version:
+            if of_another_package(snap, self.package.version):
                 log.warning("state was learned on model package %s, this is %s: starting from the new package's head",
                             snap.meta.get("package_version"), self.package.version)
                 return
-            self._apply_snapshot(snap)
+            self._apply(snap)
             self.samples.reload()
 
-    def _apply_snapshot(self, snap: Any) -> None:
-        """Head, buffers, counters and queue bookkeeping from one verified snapshot of this package."""
-        meta = snap.meta
-        if meta.get("format") != STATE_FORMAT:
-            raise StateError(f"{snap.path.name}: unknown state format {meta.get('format')!r}")
-        try:
-            head = OnlineHead.from_bytes(snap.arrays["head_npz"].tobytes())
-            replay = ReplayBuffer.from_arrays(snap.arrays)
-            holdout = HoldoutSet.from_arrays(snap.arrays)
-        except (KeyError, ValueError) as exc:
-            raise StateError(f"{snap.path.name}: {exc}") from exc
-        if head.input_dim != self.dim or replay.dim != self.dim or head.classes != self.classes:
-            raise StateError(f"{snap.path.name}: state does not fit this package's embedding size or classes")
-        if replay.per_class != self.config.replay_per_class or holdout.x.shape[1] != self.config.holdout_per_class:
-            replay, holdout = _resize(replay, self.config.replay_per_class, self.config.seed), _resize_holdout(holdout, self.config.holdout_per_class)
-        anchor = [np.asarray(snap.arrays[f"anchor_{i}"], np.float64) for i in range(len(head.weights())) if f"anchor_{i}" in snap.arrays]
-        if anchor and [a.shape for a in anchor] == [w.shape for w in head.weights()]:
-            self.anchor_weights = anchor
-        self.head, self.replay, self.holdout = head, replay, holdout
-        self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
+    def _apply(self, snap: Any) -> None:
+        apply_snapshot(self.learner, snap)
         self._saved_counters = dict(self.counters)
-        self.learned_queue_ids = [str(i) for i in meta.get("learned_queue_ids", [])]
         self.generation = self._seen_generation = snap.generation
         self._dirty = False
 
@@ -306,7 +231,7 @@ class Device:
             raise StateConflict(f"another process moved {self.state_dir} to model package {snap.meta.get('package_version')} "
                                 f"(this device runs {self.package.version}): reopen the device")
         unsaved = {k: self.counters.get(k, 0) - self._saved_counters.get(k, 0) for k in ("predictions", "queued")}
-        self._apply_snapshot(snap)
+        self._apply(snap)
         for k, n in unsaved.items():
             self.counters[k] = self.counters.get(k, 0) + n
         self.samples.reload()
@@ -329,25 +254,17 @@ class Device:
             yield
 
     def _meta(self) -> dict[str, Any]:
-        return {
-            "format": STATE_FORMAT, "package_version": self.package.version, "head_version": self.head.version,
-            "extractor": self.extractor_role, "source_samples": len(self.source), "counters": dict(self.counters),
-            "learned_queue_ids": self.learned_queue_ids[-100:], "saved_at": time.time(),
-        }
+        return learner_meta(self.learner, package_version=self.package.version, extractor_role=self.extractor_role)
 
     def save(self) -> int:
-        """Write the whole state as the next snapshot generation (atomic, checksummed), then the kept
-        crops, then queue the consented crops of the labels it holds: never a crop for a label the
-        state could still lose. Refuses (``StateConflict``) to write unsaved changes over a snapshot
+        """Write the whole state as the next snapshot generation (atomic, checksummed), then append the
+        new kept crops, then queue the consented crops of the labels it holds: never a crop for a label
+        the state could still lose. Refuses (``StateConflict``) to write unsaved changes over a snapshot
         another process saved meanwhile."""
         with self.change():
-            arrays = {"head_npz": np.frombuffer(self.head.to_bytes(), np.uint8), **self.replay.to_arrays(), **self.holdout.to_arrays(),
-                      **{f"anchor_{i}": a for i, a in enumerate(self.anchor_weights)}}
-            self.generation = self._seen_generation = self.store.save(arrays, self._meta())
+            self.generation = self._seen_generation = self.store.save(learner_arrays(self.learner), self._meta())
             self._saved_counters, self._dirty = dict(self.counters), False
-            if self._samples_dirty:
-                self.samples.save()
-                self._samples_dirty = False
+            self.samples.save()  # appends only the crops kept since the last save (nothing when there are none)
             pending, self._pending_crops = self._pending_crops, []
             for crop, y in pending:
                 self.outbox.add(crop, y)  # only while consent is recorded (checked at each add)
@@ -361,32 +278,9 @@ class Device:
                     "queue": len(self.queue)}
 
     # ---------------------------------------------------------------- predict
-    def _key(self, image: ImageSource) -> str:
-        """A content key for the embedding cache: the same frame gives the same key."""
-        h = hashlib.blake2b(digest_size=16)
-        if isinstance(image, (str, os.PathLike)):
-            try:
-                st = os.stat(image)
-            except OSError:
-                raise ImageError(f"no such image file: {image}") from None
-            h.update(f"path:{os.path.abspath(image)}:{st.st_size}:{st.st_mtime_ns}".encode())
-        elif isinstance(image, (bytes, bytearray, memoryview)):
-            h.update(b"bytes:")
-            h.update(image)
-        elif isinstance(image, np.ndarray):
-            h.update(f"array:{image.shape}:{image.dtype}:".encode())
-            h.update(np.ascontiguousarray(image).data)
-        elif isinstance(image, Image.Image):
-            h.update(f"pil:{image.mode}:{image.size}:".encode())
-            h.update(image.tobytes())
-        else:
-            raise ImageError(f"cannot read an image from a {type(image).__name__}")
-        return h.hexdigest()
-
     def prepare(self, image: ImageSource, detect: bool | None = None) -> Prepared:
         """Decode, crop and normalise a frame: ``preprocess.prepare`` with this package's face finder."""
-        detect = self.config.detect_faces if detect is None else detect
-        return prepare(image, self.spec, detect=detect, finder=self.finder)
+        return self._runtime.prepare(image, self.config.detect_faces if detect is None else detect)
 
     def predict(self, image: ImageSource, *, enqueue: bool = True) -> Prediction:
         """Prediction, probabilities, uncertainty and face flag for one frame."""
@@ -394,35 +288,39 @@ class Device:
 
     def predict_batch(self, images: Sequence[ImageSource], *, enqueue: bool = True) -> list[Prediction]:
         """Several frames with one extractor call; a bad frame raises before anything is recorded."""
-        keys, preps = [], []
-        for i, image in enumerate(images):
-            keys.append(self._key(image))
-            try:
-                preps.append(self.prepare(image))
-            except ImageError as exc:
-                raise ImageError(f"frame {i}: {exc}" if len(images) > 1 else str(exc)) from exc
-        if not preps:
-            return []
-        emb = self.extractor(np.concatenate([p.tensor for p in preps]))
-        self.refresh()  # predict with the head another process (sync, the page) may have saved since
-        with self._lock:
-            probs = self.head.predict_proba(emb)
-            out = []
-            for image, key, prep, e, p in zip(images, keys, preps, emb, probs):
-                self._remember(key, _Cached(e, prep.crop, prep.face_found))
-                u = Uncertainty.of(p)
-                idx = int(np.argmax(p))
-                pred = Prediction(self.classes[idx], idx, p, u.score, u.entropy, u.margin, prep.face_found,
-                                  tuple(int(v) for v in prep.box), key, None, e, self.classes)
-                if enqueue and u.score >= self.config.uncertainty_threshold and self._queue_open() and has_contrast(prep.crop):
-                    pred.queued_id = self.queue.add(prep.crop, predicted=pred.label, uncertainty=u.score, probabilities=p.tolist(),
-                                                    face_found=prep.face_found, source=_source_name(image), frame_key=key)
-                    if pred.queued_id is not None:
-                        self.counters["queued"] += 1
-                        self._last_queued = time.monotonic()
-                self.counters["predictions"] += 1
-                out.append(pred)
-        return out
+        while True:
+            runtime, epoch = self._runtime, self._epoch
+            keys, preps = [], []
+            for i, image in enumerate(images):
+                keys.append(frame_key(image))
+                try:
+                    preps.append(runtime.prepare(image, self.config.detect_faces))
+                except ImageError as exc:
+                    raise ImageError(f"frame {i}: {exc}" if len(images) > 1 else str(exc)) from exc
+            if not preps:
+                return []
+            emb = runtime.extractor(np.concatenate([p.tensor for p in preps]))
+            self.refresh()  # predict with the head another process (sync, the page) may have saved since
+            with self._lock:
+                if epoch == self._epoch:  # else the package was switched meanwhile: embed again with the new one
+                    probs = self.head.predict_proba(emb)
+                    return [self._answer(*args, enqueue) for args in zip(images, keys, preps, emb, probs)]
+
+    def _answer(self, image: ImageSource, key: str, prep: Prepared, e: np.ndarray, p: np.ndarray, enqueue: bool) -> Prediction:
+        """One frame's prediction from its embedding and probabilities (the lock held); queued when unsure."""
+        self._remember(key, Cached(e, prep.crop, prep.face_found, self._epoch))
+        u = Uncertainty.of(p)
+        idx = int(np.argmax(p))
+        pred = Prediction(self.classes[idx], idx, p, u.score, u.entropy, u.margin, prep.face_found,
+                          tuple(int(v) for v in prep.box), key, None, e, self.classes, self._epoch)
+        if enqueue and u.score >= self.config.uncertainty_threshold and self._queue_open() and has_contrast(prep.crop):
+            pred.queued_id = self.queue.add(prep.crop, predicted=pred.label, uncertainty=u.score, probabilities=p.tolist(),
+                                            face_found=prep.face_found, source=source_name(image), frame_key=key)
+            if pred.queued_id is not None:
+                self.counters["queued"] += 1
+                self._last_queued = time.monotonic()
+        self.counters["predictions"] += 1
+        return pred
 
     def queue_frame(self, pred: Prediction, source: str = "") -> str | None:
         """Queue a frame predicted with ``enqueue=False`` (a camera loop picks which: ``infantino.edge_runtime.watch``).
@@ -446,7 +344,9 @@ class Device:
         interval = self.config.queue_min_interval_s
         return interval <= 0 or time.monotonic() - self._last_queued >= interval
 
-    def _remember(self, key: str, entry: _Cached) -> None:
+    def _remember(self, key: str, entry: Cached) -> None:
+        if entry.epoch != self._epoch:
+            return  # embedded by a package the device no longer runs
         self._cache[key] = entry
         self._cache.move_to_end(key)
         while len(self._cache) > self.config.cache_size:
@@ -456,15 +356,16 @@ class Device:
         """The embedding of one frame (from the cache when it was just predicted)."""
         return self._embedded(image).embedding
 
-    def _embedded(self, image: ImageSource) -> _Cached:
+    def _embedded(self, image: ImageSource) -> Cached:
         """Embedding and crop of one frame, from the recent-frame cache or computed (and cached)."""
-        key = self._key(image)
+        key = frame_key(image)
         with self._lock:
             hit = self._cache.get(key)
         if hit is not None:
             return hit
-        prep = self.prepare(image)
-        entry = _Cached(self.extractor(prep.tensor)[0], prep.crop, prep.face_found)
+        runtime, epoch = self._runtime, self._epoch
+        prep = runtime.prepare(image, self.config.detect_faces)
+        entry = Cached(runtime.extractor(prep.tensor)[0], prep.crop, prep.face_found, epoch)
         with self._lock:
             self._remember(key, entry)
         return entry
@@ -477,20 +378,21 @@ class Device:
             return int(label)
         raise InputError(f"unknown label {label!r}; expected one of {', '.join(self.classes)}")
 
-    def _learnable(self, item: Learnable | np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """(embedding, face crop or None) of what a caregiver labelled; a blank crop is refused."""
+    def _learnable(self, item: Learnable | np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray], int]:
+        """(embedding, face crop or None, package epoch) of what a caregiver labelled; a blank crop is refused."""
         if isinstance(item, np.ndarray) and item.ndim == 1:
-            return self._check_embedding(item), None
+            return self._check_embedding(item), None, self._epoch
         if isinstance(item, Prediction):
             with self._lock:
                 hit = self._cache.get(item.frame_key)
+            epoch = self._epoch if item.epoch < 0 else item.epoch
             x, crop = self._check_embedding(item.embedding), hit.crop if hit is not None else None
         else:
             hit = self._embedded(item)
-            x, crop = hit.embedding, hit.crop
+            x, crop, epoch = hit.embedding, hit.crop, hit.epoch
         if crop is not None:
             require_contrast(crop)
-        return x, crop
+        return x, crop, epoch
 
     def _check_embedding(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
@@ -504,8 +406,13 @@ class Device:
         """One guarded update from a caregiver's label of a frame (path, bytes, PIL, array),
         a ``Prediction`` or a 1-D embedding. Saves the state unless ``autosave`` is off."""
         y = self.label_index(label)
-        x, crop = self._learnable(item)  # decode and embed outside the writer lock
+        x, crop, epoch = self._learnable(item)  # decode and embed outside the writer lock
         with self.change():
+            if epoch != self._epoch:  # the package was switched meanwhile
+                if isinstance(item, Prediction):
+                    raise StateConflict(f"this frame was predicted on another model package; the device now runs "
+                                        f"{self.package.version}: predict it again")
+                x, crop, _ = self._learnable(item)
             result = self._update(x, y)
             if crop is not None and (result.updated or result.held_out):
                 self._keep_crop(crop, y)
@@ -513,59 +420,15 @@ class Device:
                 self.save()
             return result
 
+    def _update(self, x: np.ndarray, y: int) -> LearnResult:
+        self._dirty = True
+        return self.learner.learn(x, y)
+
     def _keep_crop(self, crop: np.ndarray, y: int) -> None:
-        """Keep the face crop of a learned frame: for re-embedding (written with the next snapshot)
+        """Keep the face crop of a learned frame: for re-embedding (appended with the next snapshot)
         and, with consent, for upload (queued right after that snapshot, see ``save``)."""
         self.samples.add(crop, y, save=False)
-        self._samples_dirty = True
         self._pending_crops.append((crop, y))
-
-    def _rng(self) -> np.random.Generator:
-        """Seeded by the label count, so a restarted device draws the same replay as one that never stopped."""
-        return np.random.default_rng([self.config.seed, self.counters["labels"]])
-
-    def _update(self, x: np.ndarray, y: int) -> LearnResult:
-        c = self.config
-        self._dirty = True
-        self.counters["labels"] += 1
-        rng = self._rng()
-        held = bool(c.holdout_every and c.holdout_per_class and self.counters["labels"] % c.holdout_every == 0)
-        if held:
-            self.counters["held_out"] += 1
-            evicted = self.holdout.push(x, y)
-            if evicted is None:
-                return LearnResult(self.classes[y], False, False, True, self.head.version)
-            x = evicted  # the class's oldest held-back label is learned now instead
-        rx, ry = self.replay.sample(c.replay_mix, rng)
-        ax, ay = self.source.sample(c.source_mix, rng)
-        xb = np.concatenate([x[None], rx, ax])
-        yb = np.concatenate([[y], ry, ay]).astype(np.int64)
-        weights = np.concatenate([[c.new_weight], np.ones(len(ry) + len(ay))])
-        hx, hy = self.holdout.all()
-        judge = len(hy) >= c.guard_min_holdout
-        before = float(self.head.log_loss(hx, hy).mean()) if judge else None
-        version = self.head.version  # a learning step leaves the version alone; an accepted update counts
-        cp = self.head.checkpoint()
-        self.head.learn_step(xb, yb, steps=c.learn_steps, sample_weight=weights, learning_rate=c.learning_rate,
-                             anchor=self.anchor_weights, anchor_strength=self.anchor_strength)
-        finite = all(np.all(np.isfinite(w)) for w in self.head.weights())
-        after = float(self.head.log_loss(hx, hy).mean()) if judge and finite else None
-        if not finite or (judge and after - before > c.guard_tolerance):
-            self.head.restore(cp)
-            self.counters["rollbacks"] += 1
-            return LearnResult(self.classes[y], False, True, held, self.head.version, before, after)
-        self.replay.add(x, y, rng)
-        self.counters["updates"] += 1
-        self.head.version = version + 1
-        return LearnResult(self.classes[y], True, False, held, self.head.version, before, after)
-
-    @property
-    def anchor_strength(self) -> float:
-        """L2-SP strength: measured best at 1.0 when there are no source-domain embeddings to replay,
-        and unneeded (it only slows learning) when there are (docs/edge.md)."""
-        if self.config.anchor_strength is not None:
-            return float(self.config.anchor_strength)
-        return 0.0 if len(self.source) and self.config.source_mix else 1.0
 
     # ---------------------------------------------------------------- annotation queue
     def resolve(self, item_id: str, label: str) -> LearnResult | None:
@@ -594,22 +457,10 @@ class Device:
         if result.updated or result.held_out:
             self._keep_crop(crop, y)
         self.counters["from_queue"] += 1
-        self.learned_queue_ids = (self.learned_queue_ids + [item_id])[-100:]
+        self.learner.learned_queue_ids = (self.learner.learned_queue_ids + [item_id])[-100:]
         self.save()
         self.queue.remove(item_id, keep_label=True)
         return result
-
-    def _learn_resolved_queue(self) -> None:
-        """Labels given just before a crash: learn those the saved state has not seen yet."""
-        with self.change():
-            for item in self.queue.resolved():
-                if item.id in self.learned_queue_ids:
-                    self.queue.remove(item.id, keep_label=True)
-                elif not has_contrast(self.queue.crop(item.id)):
-                    log.warning("queued frame %s is blank: dropped without learning", item.id)
-                    self.queue.remove(item.id, keep_label=True)
-                else:
-                    self._learn_queued(item.id, str(item.label))
 
     def dismiss(self, item_id: str) -> bool:
         """"Not a face": the frame leaves the queue unlearned; False if it was labelled already."""
@@ -619,56 +470,65 @@ class Device:
             self.queue.remove(item_id)
             return True
 
-    # ---------------------------------------------------------------- sync
-    def adopt_head(self, head: OnlineHead) -> None:
-        """Replace the head (e.g. a refreshed one from the sync server); replay and holdout stay."""
-        if head.classes != self.classes or head.input_dim != self.dim:
-            raise InputError("head does not match this package's classes or embedding size")
+    # ---------------------------------------------------------------- what sync asks
+    def adopt_head(self, head: OnlineHead, *, save: bool | None = None) -> None:
+        """Replace the head (e.g. a refreshed one from the sync server); replay and holdout stay.
+        Saves unless ``autosave`` is off (``save`` decides when given)."""
+        self._check_head(head, self.classes, self.dim)
         with self.change():
-            self.head = head
-            self.anchor_weights = [w.copy() for w in head.weights()]  # learning now stays close to the adopted head
-            self.counters["adopted"] += 1
+            self.learner.adopt(head)  # learning now stays close to the adopted head
             self._dirty = True
-            if self.config.autosave:
+            if self.config.autosave if save is None else save:
                 self.save()
 
+    @staticmethod
+    def _check_head(head: OnlineHead, classes: tuple[str, ...], dim: int) -> None:
+        if head.classes != classes or head.input_dim != dim:
+            raise InputError("head does not match this package's classes or embedding size")
 
-def _device_spec(spec: PreprocessSpec, config: DeviceConfig) -> PreprocessSpec:
-    """The manifest's spec with this device's Haar sizes (they only matter for Haar packages)."""
-    if uses_blazeface(spec):
-        return spec
-    coarse = config.detect_coarse_side or 0
-    return replace(spec, detect_max_side=config.detect_max_side or spec.detect_max_side, detect_coarse_side=coarse)
+    def package_head(self) -> OnlineHead:
+        """The package's own (bootstrap) head, the one local learning started from."""
+        return OnlineHead.load(self.package.path("head"))
 
+    def runs_package(self, model_dir: str | os.PathLike) -> bool:
+        """Whether ``model_dir`` is the package this device runs (the same folder or version)."""
+        return self._runtime.runs(model_dir)
 
-def load_replay_seed(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """``x`` float32 (N, D) and ``y`` class indices (N,) from an npz of plain arrays."""
-    with np.load(path, allow_pickle=False) as npz:
-        x = np.asarray(npz["x"], np.float32)
-        y = np.asarray(npz["y"], np.int64)
-    if x.ndim != 2 or y.shape != (len(x),) or y.min(initial=0) < 0 or not np.all(np.isfinite(x)):
-        raise ValueError("expects x (N, D) finite floats and y (N,) class indices")
-    return x, y
+    def kept_samples(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """The kept face crops of learned labels (uint8) and their class indices."""
+        with self._lock:
+            return self.samples.all()
 
+    def kept_embeddings(self, model_dir: str | os.PathLike | None = None) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """(embeddings, labels) of the kept labelled samples in the space of ``model_dir``'s extractor:
+        the replay buffer and holdout for this package, the kept face crops re-embedded by that
+        package's extractor for another one; None when there are none."""
+        if model_dir is None or self.runs_package(model_dir):
+            with self._lock:
+                return self.learner.kept()
+        crops, labels = self.kept_samples()
+        if not len(labels):
+            return None
+        return embed_crops(model_dir, crops, self.config), labels
 
-def _source_name(image: ImageSource) -> str:
-    return Path(image).name if isinstance(image, (str, os.PathLike)) else type(image).__name__
-
-
-def _resize(buf: ReplayBuffer, per_class: int, seed: int) -> ReplayBuffer:
-    """The same samples in a buffer of another size (a config change between runs)."""
-    out = ReplayBuffer(buf.n_classes, buf.dim, per_class)
-    x, y = buf.all()
-    rng = np.random.default_rng(seed)
-    for i in rng.permutation(len(y)):
-        out.add(x[i], int(y[i]), rng)
-    out.seen = np.maximum(out.seen, buf.seen)
-    return out
-
-
-def _resize_holdout(h: HoldoutSet, per_class: int) -> HoldoutSet:
-    out = HoldoutSet(h.x.shape[0], h.dim, per_class)
-    x, y = h.all()
-    for xi, yi in zip(x, y):
-        out.push(xi, int(yi))
-    return out
+    def switch_package(self, model_dir: str | os.PathLike, *, head: OnlineHead | None = None,
+                       replay: Optional[tuple[np.ndarray, np.ndarray]] = None, session: Any = None) -> None:
+        """Run ``model_dir``'s package from now on, in place, under the state folder's lock: every holder of
+        this object predicts and learns with it from its next call. The state is the newest snapshot when
+        it is of that package, else the package's own head; ``replay`` refills the replay buffer, ``head``
+        is adopted, and the state saved. Nothing changes when the package or ``head`` does not fit."""
+        runtime = PackageRuntime.open(model_dir, self.config, session=session)
+        if head is not None:
+            self._check_head(head, runtime.classes, runtime.dim)
+        with self._lock, self._writer.hold():
+            self._runtime, self._epoch = runtime, self._epoch + 1
+            self._cache.clear()
+            self._pending_crops, self._dirty = [], False  # unsaved learning of the old package cannot follow
+            self._open_class_stores()
+            self._source = self._load_source()
+            self._load_state()
+            self.recover()
+            if replay is not None:
+                self.learner.refill(*replay)
+            if head is not None:
+                self.adopt_head(head, save=True)

@@ -82,7 +82,7 @@ def _add_detector_parsers(sub) -> None:
 def _publish(args: argparse.Namespace) -> int:
     import os
 
-    from infantino.edge_runtime.sync_client import SyncError
+    from infantino.edge_runtime.sync.transport import SyncError
 
     from .publish import describe, publish
 

@@ -11,7 +11,7 @@ import tarfile
 from pathlib import Path
 
 from infantino.edge_runtime.package import MANIFEST, open_package
-from infantino.edge_runtime.sync_client import Http, SyncError
+from infantino.edge_runtime.sync.transport import Http, SyncError
 
 
 def package_tar(package_dir: Path) -> bytes:

@@ -22,7 +22,8 @@ from infantino.edge_runtime.evaluate import embed_items
 from infantino.edge_runtime.head import OnlineHead
 from infantino.edge_runtime.metrics import summarize
 from infantino.edge_runtime.preprocess import ImageError
-from infantino.edge_runtime.sync_client import Http, sync_device
+from infantino.edge_runtime.sync.client import sync_device
+from infantino.edge_runtime.sync.transport import Http
 from infantino.sync_server.process import LocalServer
 
 DEVICE_CONFIG = DeviceConfig(threads=1, cache_size=256, autosave=False)

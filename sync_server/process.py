@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
-from infantino.edge_runtime.sync_client import Http
+from infantino.edge_runtime.sync.transport import Http
 
 from . import store as st
 from .models import promote_package

@@ -21,7 +21,7 @@ from infantino.sync_server.process import REPO, ServerProcess, cli, free_port  #
 from infantino.sync_server.process import scratch_schema_url as pg_schema_url  # noqa: F401
 from infantino.sync_server.process import LocalServer as Server  # noqa: F401
 from infantino.edge_runtime.device import Device, DeviceConfig
-from infantino.edge_runtime.sync_client import DeviceLearner
+from infantino.edge_runtime.sync.client import DeviceLearner
 from infantino.export.tiny_package import synthetic_face
 
 PG_URL = os.environ.get("INFANTINO_TEST_PG_URL")

@@ -26,7 +26,7 @@ from edge_helpers import face, open_device
 from infantino.edge_runtime import wire
 from infantino.edge_runtime.device import Device, DeviceConfig
 from infantino.edge_runtime.state import StateConflict
-from infantino.edge_runtime.sync_client import SyncState
+from infantino.edge_runtime.sync.state import SyncState
 
 CLI_CONFIG = DeviceConfig(threads=1, detect_faces=False)  # what `infantino-edge ... --no-face-detect --threads 1` opens
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -142,7 +142,7 @@ def sync_server(tmp_path, tiny_package_dir):
 def test_the_page_keeps_the_head_sync_adopted_and_sync_never_uploads_its_undoing(sync_server, tmp_path, tiny_package_dir):
     from server_helpers import free_port, new_device, teach
 
-    from infantino.edge_runtime.sync_client import sync_device
+    from infantino.edge_runtime.sync.client import sync_device
 
     # Prepare: a synced device with three queued frames, its caregiver page in its own process
     model, state = tmp_path / "model", tmp_path / "state"

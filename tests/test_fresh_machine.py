@@ -17,7 +17,7 @@ from edge_helpers import face
 from infantino.edge_runtime.datasets import DataMissing, fer_file, image_folders_record, image_set_record
 from infantino.edge_runtime.package import open_package
 from infantino.edge_runtime.preprocess import CLASSES
-from infantino.edge_runtime.sync_client import Http, SyncError
+from infantino.edge_runtime.sync.transport import Http, SyncError
 from server_helpers import ServerProcess, cli
 
 RELEASE = REPO / "data" / "models"

@@ -8,7 +8,8 @@ import tarfile
 import pytest
 
 from infantino.edge_runtime.preprocess import CLASSES
-from infantino.edge_runtime.sync_client import Http, sync_device
+from infantino.edge_runtime.sync.client import sync_device
+from infantino.edge_runtime.sync.transport import Http
 from edge_helpers import write_image_folder
 from infantino.export import cli as export_cli
 from infantino.export.publish import package_tar, publish

@@ -11,7 +11,8 @@ import pytest
 from infantino.edge_runtime import wire
 from infantino.edge_runtime.consent import CROPS_FORMAT, OUTBOX_NAME
 from infantino.edge_runtime.preprocess import CLASSES
-from infantino.edge_runtime.sync_client import DeviceLearner, Http, Syncer
+from infantino.edge_runtime.sync.client import DeviceLearner, Syncer
+from infantino.edge_runtime.sync.transport import Http
 from infantino.export.data import load_image_folder
 from server_helpers import CONFIG, Server, new_device, teach
 from infantino.sync_server import cli as server_cli

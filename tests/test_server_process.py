@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from infantino.edge_runtime.head import OnlineHead
-from infantino.edge_runtime.sync_client import Http
+from infantino.edge_runtime.sync.transport import Http
 from server_helpers import BACKENDS, ServerProcess, cli, make_update, store_url_for
 from infantino.sync_server import store as st
 from infantino.sync_server.models import promote_package

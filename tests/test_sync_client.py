@@ -9,8 +9,10 @@ import pytest
 
 from infantino.edge_runtime.device import Device
 from infantino.edge_runtime.package import open_package
-from infantino.edge_runtime.sync_client import (DeviceLearner, Http, MergePolicy, SyncError, SyncState, adopt_and_replay,
-                                      managed_model_dir, sync_device)
+from infantino.edge_runtime.sync.client import DeviceLearner, sync_device
+from infantino.edge_runtime.sync.merge import MergePolicy, adopt_and_replay
+from infantino.edge_runtime.sync.state import SyncState, managed_model_dir
+from infantino.edge_runtime.sync.transport import Http, SyncError
 from server_helpers import CONFIG, Server, free_port, new_device, teach
 from infantino.sync_server.models import promote_package
 from infantino.export.tiny_package import build_tiny_package, synthetic_face
@@ -140,8 +142,10 @@ def test_a_new_extractor_is_installed_and_kept_samples_are_reembedded(tmp_path, 
         assert len(dev.keeper) == 21
         new_pkg = build_tiny_package(tmp_path / "pkg2", version="tiny-2", seed=7)
         promote_package(srv.store, srv.data, new_pkg)
+        original = dev.device
         # Execute
         report, device = sync_device(dev, srv.url, token, policy=MergePolicy(replay_epochs=60, batch_size=8))
+        assert device is original and dev.device is original  # switched in place: every holder runs the new package
         # Assert: the queued update for the old package was refused, the new package is current
         assert report.error is None, report.error
         assert report.rejected and report.rejected[0][0] == 409

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from infantino.edge_runtime.device import Device
-from infantino.edge_runtime.sync_client import SyncState, managed_model_dir
+from infantino.edge_runtime.sync.state import SyncState, managed_model_dir
 from infantino.edge_runtime.watch.loop import Watch, WatchSettings
 from infantino.edge_runtime.watch.sources import open_source, parse_source
 from infantino.edge_runtime.watch.sync_worker import SyncSettings
@@ -108,7 +108,8 @@ def test_a_package_promoted_mid_run_is_adopted_between_frames_with_no_label_lost
         before = len(frame_lines(state))
         # Execute: a new package is promoted while the camera runs
         promote_package(srv.store, srv.data, build_tiny_package(tmp_path / "pkg2", version="tiny-2", seed=7))
-        wait_for(lambda: run.watch.device.package.version == "tiny-2", 60, "the watch to run the new package")
+        # the device is switched in place by the sync thread; the loop notices between two frames
+        wait_for(lambda: run.watch.device.package.version == "tiny-2" and run.watch.swaps >= 1, 60, "the watch to run the new package")
         assert run.thread.is_alive() and run.watch.swaps == 1
         wait_for(lambda: len(frame_lines(state)) >= before + 8, 60, "frames on the new package")
         # a label given on the new package reaches the server too

@@ -9,14 +9,27 @@ from flask import Blueprint, abort, current_app, jsonify, render_template, reque
 
 from ..annotation_queue import QueueError
 from ..preprocess import ImageError
-from ..state import StateError
+from ..state import StateConflict, StateError
 from ..state_lock import StateLockTimeout
+from ..sync.state import managed_model_dir
 
 bp = Blueprint("annotate", __name__, root_path=str(Path(__file__).parent))
 
 
 def _ctx() -> dict[str, Any]:
     return current_app.extensions["infantino"]
+
+
+def _follow(device) -> None:
+    """The page's device at the state folder's newest snapshot; when another process (``infantino-edge
+    sync``) moved the folder to another package, the device switches to it in place and the page goes on."""
+    try:
+        device.refresh()  # head and counters as another process (sync, a CLI learn) may have saved them
+    except StateConflict:
+        managed = managed_model_dir(device.state_dir)
+        if managed is None or device.runs_package(managed):
+            raise
+        device.switch_package(managed)
 
 
 def _status(device) -> dict[str, Any]:
@@ -48,7 +61,7 @@ def _image_error(exc: ImageError):
 
 @bp.errorhandler(StateError)
 def _state_error(exc: StateError):
-    """Another process moved the state folder on (e.g. sync installed a new package): restart the page."""
+    """A state change the page cannot follow (e.g. a snapshot of a package that is not installed)."""
     return jsonify(error=str(exc)), 409
 
 
@@ -70,7 +83,7 @@ def state():
     """Waiting frames (most uncertain first), versions and counters, the recent timeline."""
     ctx = _ctx()
     device, timeline = ctx["device"], ctx["timeline"]
-    device.refresh()  # head and counters as another process (sync, a CLI learn) may have saved them
+    _follow(device)
     items = device.queue.items()
     timeline.record(items)
     items.sort(key=lambda i: (-i.uncertainty, i.id))
@@ -101,6 +114,7 @@ def label():
     with contextlib.suppress(QueueError):  # on the timeline even if the page was never listed
         ctx["timeline"].record([device.queue.get(item_id)])
     with ctx["lock"]:
+        _follow(device)
         result = device.resolve(item_id, name)  # QueueError: unknown or malformed id -> 404
     ctx["timeline"].label(item_id, name)
     if result is None:
@@ -117,6 +131,7 @@ def dismiss():
     device = ctx["device"]
     item_id, _ = _body()
     with ctx["lock"]:
+        _follow(device)
         ctx["timeline"].record([device.queue.get(item_id)])  # QueueError -> 404
         if not device.dismiss(item_id):  # under the state folder's writer lock, like a label
             return jsonify(error="this frame is labelled already"), 409

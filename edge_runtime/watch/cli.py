@@ -67,7 +67,7 @@ def settings_from(args: argparse.Namespace):
 def run(args: argparse.Namespace, config, prog: str = "infantino-edge") -> int:
     """Open SOURCE (exit 2 if it cannot be), then the device, then watch."""
     from ..device import Device, default_model_dir, default_state_dir
-    from ..sync_client import managed_model_dir
+    from ..sync.state import managed_model_dir
     from .loop import Watch
     from .sources import SourceError, open_source, parse_source
 

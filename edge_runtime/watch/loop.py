@@ -2,8 +2,8 @@
 
 Per sampled frame: predict (``Device.predict``, nothing queued by it), let ``QueuePolicy``
 pick the frames worth a caregiver's label, feed the distress monitor, append the frame to
-the timeline. Between two frames: swap in a ``Device`` that sync installed (under the state
-folder's lock), write the status every ``status_every_s``. The reader, sync and alert hook
+the timeline. Between two frames: notice a package that sync switched the device to (in
+place, ``Device.switch_package``), write the status every ``status_every_s``. The reader, sync and alert hook
 run in their own threads; nothing here waits on the network or on a camera.
 
 SIGTERM / SIGINT finish the frame in flight, then the loop closes the timeline, saves the
@@ -26,7 +26,7 @@ from typing import IO, Any, Iterator, Optional
 
 from ..preprocess import ImageError
 from ..state import StateConflict, StateError
-from ..state_lock import StateLock, StateLockTimeout
+from ..state_lock import StateLockTimeout
 from .distress import START, DistressEvent, DistressMonitor, DistressSettings
 from .events import AlertHook, EventLog
 from .live import watch_folder
@@ -84,8 +84,8 @@ class Watch:
         self.policy = QueuePolicy(settings.queue)
         self.monitor = DistressMonitor(settings.distress)
         self.board = StatusBoard()
-        self._installed: LatestSlot[Any] = LatestSlot()  # a Device the sync thread built, waiting to be swapped in
-        self.sync = SyncWorker(settings.sync, lambda: self.device, self._installed.put) if settings.sync else None
+        self.sync = SyncWorker(settings.sync, lambda: self.device) if settings.sync else None
+        self._running = device.package  # the package the loop's bookkeeping is for (sync switches the device in place)
         self._valence = valence_of(device.classes)
         self._hurry = False
         self.swaps = 0
@@ -109,7 +109,7 @@ class Watch:
         every = self.settings.status_every_s
         next_status = time.monotonic() + every
         while True:
-            self._adopt_installed()
+            self._follow_package()
             frame = self.slot.take(timeout_s=0.5)
             if frame is not None:
                 self._analyse(frame)
@@ -125,6 +125,7 @@ class Watch:
         pred = self._predict(frame.image)
         if pred is None:
             return
+        self._follow_package()  # sync may have switched the package while this frame was predicted
         t, face = frame.t, bool(pred.face_found)
         queued = None
         if self.policy.decide(t, face, pred.uncertainty, pred.embedding) == QUEUE:
@@ -139,12 +140,11 @@ class Watch:
             self._on_event(event, pred.label)
 
     def _predict(self, image: Any) -> Any:
-        """``Device.predict``; after a package change by sync (or another process) on the new device."""
+        """``Device.predict``; after another process moved the state folder to another package, on that one."""
         try:
             return self.device.predict(image, enqueue=False)
         except StateConflict:
-            if not self._adopt_installed(wait_s=2.0):
-                self._reopen_device()
+            self._reopen_device()
             return self.device.predict(image, enqueue=False)
         except (ImageError, StateLockTimeout) as exc:
             log.warning("frame skipped: %s", exc)
@@ -167,29 +167,24 @@ class Watch:
             print(json.dumps({**rec, "type": f"event.{event.kind}"}), file=self.out, flush=True)
 
     # ------------------------------------------------------------ the device
-    def _adopt_installed(self, wait_s: float = 0.0) -> bool:
-        """Swap in the device sync installed, if there is one (between frames, under the state lock)."""
-        new = self._installed.take(timeout_s=wait_s)
-        if new is None:
-            return False
-        self._swap(new)
-        return True
-
     def _reopen_device(self) -> None:
-        """Another process moved the state folder to another package: open it as it is now."""
-        from ..device import Device
-        from ..sync_client import managed_model_dir
+        """Another process moved the state folder to another package: switch the device to it, in place."""
+        from ..sync.state import managed_model_dir
 
         d = self.device
-        self._swap(Device(managed_model_dir(d.state_dir) or d.package.folder, d.state_dir, d.config))
+        d.switch_package(managed_model_dir(d.state_dir) or d.package.folder)
+        self._follow_package()
 
-    def _swap(self, new: Any) -> None:
-        with StateLock.of(new.state_dir).hold():
-            old, self.device = self.device, new
-        self._valence = valence_of(new.classes)
+    def _follow_package(self) -> None:
+        """After a package switch (by sync, in place): the bookkeeping that depends on the package."""
+        new = self.device.package
+        if new is self._running:
+            return
+        old, self._running = self._running, new
+        self._valence = valence_of(self.device.classes)
         self.policy.forget_embedding()  # another extractor: old embeddings are not comparable
         self.swaps += 1
-        log.warning("now running model package %s (was %s)", new.package.version, old.package.version)
+        log.warning("now running model package %s (was %s)", new.version, old.version)
 
     # ------------------------------------------------------------ status, shutdown
     def _report(self) -> dict:
@@ -209,11 +204,10 @@ class Watch:
         except (StateError, StateLockTimeout) as exc:
             log.warning("state not saved at exit: %s", exc)
         if self.sync is not None:
-            self._adopt_installed()
             timeout = 0.0 if self._hurry else self.settings.exit_sync_timeout_s
             if not self.sync.finish(timeout, final=not self._hurry):
                 log.warning("the last sync did not finish within %g s; the outbox keeps its updates", timeout)
-            self._adopt_installed()
+            self._follow_package()
         if self.hook is not None:
             self.hook.close()
         self._report()

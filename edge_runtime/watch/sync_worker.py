@@ -5,10 +5,9 @@ once more at a clean exit. Offline is normal: a failed sync is retried with expo
 backoff (capped at ``every_s``) and the outbox keeps every update meanwhile (each goes up
 once: the server deduplicates by idempotency key).
 
-``sync_device`` returns "the device to use from now on": after a new package it is a new
-``Device``, built inside the sync's state change (the state folder's writer lock held).
-``HandoffLearner`` passes it on right there, before that lock is released, and the watch
-loop, the one owner of the device, swaps it in between two frames.
+A new package is installed *in place*: ``Device.switch_package`` runs inside the sync's state
+change (the state folder's writer lock held), so the loop's device object runs the new model
+from its next frame; the loop notices the new package between two frames (``Watch``).
 """
 from __future__ import annotations
 
@@ -17,10 +16,10 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..sync_client import AuthError, DeviceLearner, Http, SyncError, sync_device
+from ..sync.client import sync_device
+from ..sync.transport import AuthError, Http, SyncError
 from .backoff import Backoff, jittered
 
 log = logging.getLogger("infantino.edge_runtime.watch")
@@ -52,34 +51,19 @@ class SyncStatus:
     pending: int = 0  # in the outbox after the last attempt
     package_version: Optional[str] = None
     head_version: Optional[int] = None
-    installed: int = 0  # new devices (packages) handed to the loop
+    installed: int = 0  # new packages the device switched to
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("attempts", "last_at", "ok_at", "error", "pushed", "pending", "package_version",
                                                "head_version", "installed")}
 
 
-class HandoffLearner(DeviceLearner):
-    """A ``DeviceLearner`` that hands a newly installed ``Device`` to ``handoff`` inside the sync's state change."""
-
-    def __init__(self, device: Any, handoff: Callable[[Any], None]):
-        super().__init__(device)
-        self._handoff = handoff
-
-    def install(self, package_dir: Path, head: Any, replay: Any) -> None:
-        before = self.device
-        super().install(package_dir, head, replay)
-        if self.device is not before:
-            self._handoff(self.device)
-
-
 class SyncWorker(threading.Thread):
     """Syncs ``current()`` (the loop's device) until ``finish``; then syncs once more and ends."""
 
-    def __init__(self, settings: SyncSettings, current: Callable[[], Any], handoff: Callable[[Any], None],
-                 rng: Optional[random.Random] = None):
+    def __init__(self, settings: SyncSettings, current: Callable[[], Any], rng: Optional[random.Random] = None):
         super().__init__(name="watch-sync", daemon=True)
-        self.settings, self.current, self.handoff = settings, current, handoff
+        self.settings, self.current = settings, current
         self.rng = rng or random.Random()
         self.backoff = Backoff(base_s=min(settings.retry_base_s, settings.every_s), max_s=settings.every_s, rng=self.rng)
         self.status = SyncStatus()
@@ -108,9 +92,9 @@ class SyncWorker(threading.Thread):
         s, st = self.settings, self.status
         st.attempts += 1
         try:
-            report, _ = sync_device(HandoffLearner(self.current(), self._installed), s.server, s.token,
-                                    timeout_s=s.timeout_s, retries=s.retries)
+            report, _ = sync_device(self.current(), s.server, s.token, timeout_s=s.timeout_s, retries=s.retries)
             error = report.error
+            st.installed += int(report.package_changed)
             st.pushed += report.pushed
             st.pending = report.pending
             st.package_version, st.head_version = report.package_version or st.package_version, report.head_version or st.head_version
@@ -127,7 +111,3 @@ class SyncWorker(threading.Thread):
         elif was_ok or st.attempts == 1:
             log.warning("sync failed, will retry (offline is fine, the outbox keeps every update): %s", error)
         return error is None
-
-    def _installed(self, device: Any) -> None:
-        self.status.installed += 1
-        self.handoff(device)
