@@ -11,7 +11,7 @@ matplotlib is imported only by ``plot_curve`` and is optional (not in the edge e
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -89,6 +89,57 @@ def static_report(device: Device, tests: list[EmbeddedSet]) -> dict:
     return {"tests": out}
 
 
+@dataclass
+class _StreamRecord:
+    """What feeding the stream measured, one entry per image that could be read."""
+
+    predict_ms: list[float] = field(default_factory=list)
+    learn_ms: list[float] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)
+    true: list[int] = field(default_factory=list)
+    pred: list[int] = field(default_factory=list)
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def feed(self, device: Device, path, label: int) -> bool:
+        """Predict, then learn the true label; False (and listed) when the image cannot be read."""
+        try:
+            t0 = time.perf_counter()
+            pred = device.predict(path, enqueue=False)
+            t1 = time.perf_counter()
+            device.learn(path, label, save=False)
+            t2 = time.perf_counter()
+        except ImageError as exc:
+            self.skipped.append(str(exc))
+            return False
+        self.predict_ms.append((t1 - t0) * 1e3)
+        self.learn_ms.append((t2 - t1) * 1e3)
+        self.correct.append(pred.index == label)
+        self.true.append(label)
+        self.pred.append(pred.index)
+        self.embeddings.append(pred.embedding)
+        return True
+
+
+def _curve_point(device: Device, tests: list[EmbeddedSet], rec: _StreamRecord, n_items: int,
+                 log: Callable[[str], None] | None) -> dict:
+    point = {"seen": len(rec.correct), "accuracy": [score(device, t)["accuracy"] for t in tests],
+             "prequential_accuracy": float(np.mean(rec.correct))}
+    if log:
+        accs = ", ".join(f"{a:.3f}" for a in point["accuracy"])
+        log(f"  {len(rec.correct):4d}/{n_items} seen: test accuracy {accs}; running stream accuracy {np.mean(rec.correct):.3f}")
+    return point
+
+
+def _test_rows(tests: list[EmbeddedSet], before: list[dict], after: list[dict]) -> list[dict]:
+    return [{"path": t.path, "n": b["n"], "skipped": len(t.skipped), "face_detect": t.face_detect,
+             "face_found": float(t.face_found.mean()) if len(t.face_found) else None,
+             "accuracy_before": b["accuracy"], "accuracy_after": a["accuracy"],
+             "macro_f1_before": b["macro_f1"], "macro_f1_after": a["macro_f1"],
+             "per_class_recall_before": b["per_class_recall"], "per_class_recall_after": a["per_class_recall"],
+             "confusion_after": a["confusion"]} for t, b, a in zip(tests, before, after)]
+
+
 def stream_report(device: Device, stream: str | Path, tests: list[EmbeddedSet], seed: int = 0, curve_points: int = 20,
                   log: Callable[[str], None] | None = None) -> dict:
     """Feed ``stream`` through predict + learn; scores before, along and after; timings."""
@@ -97,55 +148,28 @@ def stream_report(device: Device, stream: str | Path, tests: list[EmbeddedSet], 
     before = [score(device, t) for t in tests]
     every = max(1, len(items) // max(1, curve_points))
     curve = [{"seen": 0, "accuracy": [b["accuracy"] for b in before], "prequential_accuracy": None}]
-    predict_ms, learn_ms, correct, skipped = [], [], [], []
-    stream_true, stream_pred, seen_emb = [], [], []
+    rec = _StreamRecord()
     half, retention_mid, n_first = len(items) // 2, None, 0
     rollbacks0 = device.counters["rollbacks"]
     for k, i in enumerate(order, start=1):
-        path, label = items[i]
-        try:
-            t0 = time.perf_counter()
-            pred = device.predict(path, enqueue=False)
-            t1 = time.perf_counter()
-            device.learn(path, label, save=False)
-            t2 = time.perf_counter()
-        except ImageError as exc:
-            skipped.append(str(exc))
+        if not rec.feed(device, *items[i]):
             continue
-        predict_ms.append((t1 - t0) * 1e3)
-        learn_ms.append((t2 - t1) * 1e3)
-        correct.append(pred.index == label)
-        stream_true.append(label)
-        stream_pred.append(pred.index)
-        seen_emb.append(pred.embedding)
         if k == half:  # how well the first half's labels are known now, and (below) at the end
-            retention_mid = _accuracy_on(device, seen_emb, stream_true)
-            n_first = len(seen_emb)
+            retention_mid = _accuracy_on(device, rec.embeddings, rec.true)
+            n_first = len(rec.embeddings)
         if k % every == 0 or k == len(order):
-            curve.append({"seen": len(correct), "accuracy": [score(device, t)["accuracy"] for t in tests],
-                          "prequential_accuracy": float(np.mean(correct))})
-            if log:
-                accs = ", ".join(f"{a:.3f}" for a in curve[-1]["accuracy"])
-                log(f"  {len(correct):4d}/{len(items)} seen: test accuracy {accs}; running stream accuracy {np.mean(correct):.3f}")
+            curve.append(_curve_point(device, tests, rec, len(items), log))
     t0 = time.perf_counter()
     device.save()
     save_ms = (time.perf_counter() - t0) * 1e3
-    after = [score(device, t) for t in tests]
-    rows = []
-    for t, b, a in zip(tests, before, after):
-        rows.append({"path": t.path, "n": b["n"], "skipped": len(t.skipped), "face_detect": t.face_detect,
-                     "face_found": float(t.face_found.mean()) if len(t.face_found) else None,
-                     "accuracy_before": b["accuracy"], "accuracy_after": a["accuracy"],
-                     "macro_f1_before": b["macro_f1"], "macro_f1_after": a["macro_f1"],
-                     "per_class_recall_before": b["per_class_recall"], "per_class_recall_after": a["per_class_recall"],
-                     "confusion_after": a["confusion"]})
-    p50, p95 = _percentiles(predict_ms)
-    l50, l95 = _percentiles(learn_ms)
-    prequential = summarize(np.asarray(stream_true, int), np.asarray(stream_pred, int), len(device.classes))
-    retention_end = _accuracy_on(device, seen_emb[:n_first], stream_true[:n_first]) if retention_mid is not None else None
+    rows = _test_rows(tests, before, [score(device, t) for t in tests])
+    p50, p95 = _percentiles(rec.predict_ms)
+    l50, l95 = _percentiles(rec.learn_ms)
+    prequential = summarize(np.asarray(rec.true, int), np.asarray(rec.pred, int), len(device.classes))
+    retention_end = _accuracy_on(device, rec.embeddings[:n_first], rec.true[:n_first]) if retention_mid is not None else None
     return {
         "tests": rows,
-        "stream": {"path": str(stream), "n": len(correct), "skipped": len(skipped), "seed": seed,
+        "stream": {"path": str(stream), "n": len(rec.correct), "skipped": len(rec.skipped), "seed": seed,
                    "prequential_accuracy": prequential["accuracy"], "prequential_per_class_recall": prequential["per_class_recall"],
                    "updates": device.counters["updates"], "rollbacks": device.counters["rollbacks"] - rollbacks0,
                    "held_out": device.counters["held_out"],
