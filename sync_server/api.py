@@ -216,6 +216,32 @@ def _read_chunked(stream, limit: int, piece: int = 1 << 20) -> bytes:
 def post_update():
     s = state()
     cfg = current_app.config
+    body, meta, arrays = _read_update(cfg)
+    digest = hashlib.sha256(body).hexdigest()
+    try:
+        view = s.store.ingest_view(g.client.id, meta["idempotency_key"])
+    except StoreBusy as exc:
+        refuse(503, "busy", str(exc))
+    if view.existing is not None:
+        return _receipt_response(view.existing[0], view.existing[1] == digest, duplicate=True)
+    if view.served is None:
+        refuse(503, "not_serving", "no model has been promoted yet (infantino-server promote PACKAGE_DIR)")
+    if view.waiting >= int(cfg["MAX_BUFFERED_PER_DEVICE"]):
+        _too_many(view.waiting)
+    base, staleness = _check_base(s, meta, view.served)
+    record = _update_record(s, meta, arrays, base, digest, view.last_round)
+    try:
+        receipt = s.store.submit_update(record, timeout_s=cfg["COMMIT_TIMEOUT_S"], on_commit=s.after_commit)
+    except StoreBusy as exc:
+        refuse(503, "busy", f"{exc}; retry with the same idempotency key")
+    if receipt.duplicate:
+        return _receipt_response(receipt.update_id, not receipt.conflict, duplicate=True)
+    return jsonify(update_id=receipt.update_id, status="buffered", duplicate=False, staleness=staleness,
+                   head_version=view.served[1]), 202
+
+
+def _read_update(cfg) -> tuple[bytes, dict, dict]:
+    """(body, checked meta, arrays) of ``POST /v1/updates``, sent by the device the token belongs to."""
     body = _read_body(cfg["MAX_UPDATE_BYTES"])
     if not body:
         refuse(400, "malformed", "empty body; send the update as an npz (infantino.edge_runtime.wire.encode_update)")
@@ -225,38 +251,22 @@ def post_update():
     if meta["device"] != client.name:
         refuse(403, "wrong_device", f"this token belongs to device {client.name!r}; an update may not claim to come from "
                                     f"{meta['device'][:64]!r}")
-    digest = hashlib.sha256(body).hexdigest()
-    try:
-        view = s.store.ingest_view(client.id, meta["idempotency_key"])
-    except StoreBusy as exc:
-        refuse(503, "busy", str(exc))
-    if view.existing is not None:
-        return _receipt_response(view.existing[0], view.existing[1] == digest, duplicate=True)
-    served = view.served
-    if served is None:
-        refuse(503, "not_serving", "no model has been promoted yet (infantino-server promote PACKAGE_DIR)")
-    if view.waiting >= int(cfg["MAX_BUFFERED_PER_DEVICE"]):
-        _too_many(view.waiting)
-    base, staleness = _check_base(s, meta, served)
+    return body, meta, arrays
+
+
+def _update_record(s, meta: dict, arrays: dict, base, digest: str, last_round: int) -> UpdateRecord:
+    """The update as a delta on ``base``, inside the norm bound, ready to store."""
     flat = _check_arrays(arrays, base)
     delta = flat - base.flat if meta["kind"] == "weights" else flat
     norm = float(np.linalg.norm(delta))
-    bound = s.ingest_bound(base.package_version, view.last_round)
+    bound = s.ingest_bound(base.package_version, last_round)
     if not math.isfinite(norm) or norm > bound:
         refuse(422, "norm_bound", f"update moves the head by {norm:.4g} (L2), beyond the bound {bound:.4g}")
-    record = UpdateRecord(
-        client_id=client.id, idempotency_key=meta["idempotency_key"], body_sha256=digest,
+    return UpdateRecord(
+        client_id=g.client.id, idempotency_key=meta["idempotency_key"], body_sha256=digest,
         package_version=base.package_version, base_head_version=base.version, n_samples=meta["n_samples"],
         metrics=meta["metrics"], delta=delta.astype("<f4").tobytes(), delta_norm=norm,
     )
-    try:
-        receipt = s.store.submit_update(record, timeout_s=cfg["COMMIT_TIMEOUT_S"], on_commit=s.after_commit)
-    except StoreBusy as exc:
-        refuse(503, "busy", f"{exc}; retry with the same idempotency key")
-    if receipt.duplicate:
-        return _receipt_response(receipt.update_id, not receipt.conflict, duplicate=True)
-    return jsonify(update_id=receipt.update_id, status="buffered", duplicate=False, staleness=staleness,
-                   head_version=served[1]), 202
 
 
 def _too_many(waiting: int):

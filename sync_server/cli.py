@@ -341,7 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     add_verbose(p)
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_device, _add_crops, _add_admin_token, _add_promote, _add_aggregate, _add_status):
+        add(sub)
+    return p
 
+
+def _add_run(sub) -> None:
     r = sub.add_parser("run", help="serve the API (gunicorn, gthread workers)")
     _common(r)
     r.add_argument("--host", default="127.0.0.1")
@@ -362,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start with nothing served: devices get 503 until `promote`")
     r.set_defaults(func=cmd_run)
 
+
+def _add_device(sub) -> None:
     d = sub.add_parser("device", help="add, list or revoke devices")
     dsub = d.add_subparsers(dest="action", required=True)
     for action in ("add", "revoke", "purge"):
@@ -374,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_device, action="list")
 
+
+def _add_crops(sub) -> None:
     c = sub.add_parser("crops", help="consented face crops: list them, export them for fine-tuning")
     csub = c.add_subparsers(dest="action", required=True)
     cl = csub.add_parser("list")
@@ -386,10 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--device", help="only this device's crops")
     ce.set_defaults(func=cmd_crops, action="export")
 
+
+def _add_admin_token(sub) -> None:
     t = sub.add_parser("admin-token", help="issue (or rotate) the admin token")
     _common(t)
     t.set_defaults(func=cmd_admin_token)
 
+
+def _add_promote(sub) -> None:
     pr = sub.add_parser("promote", help="serve a model package (or roll back to a head version)")
     _common(pr)
     pr.add_argument("package_dir", nargs="?")
@@ -404,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-tracking", action="store_true", help="leave the MLflow logging to the server")
     pr.set_defaults(func=cmd_promote)
 
+
+def _add_aggregate(sub) -> None:
     ag = sub.add_parser("aggregate", help="aggregate the buffered updates now")
     _common(ag)
     ag.add_argument("--min-updates", type=int, default=1)
@@ -411,14 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--no-tracking", action="store_true")
     ag.set_defaults(func=cmd_aggregate)
 
+
+def _add_status(sub) -> None:
     s = sub.add_parser("status", help="what is served, buffered, pending for MLflow")
     _common(s)
     s.set_defaults(func=cmd_status)
-
     f = sub.add_parser("flush-tracking", help="log pending aggregations and packages to MLflow now")
     _common(f)
     f.set_defaults(func=cmd_flush)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,28 @@ def tiny_package_dir(tmp_path_factory) -> Path:
     return build_tiny_package(tmp_path_factory.mktemp("pkg") / "model")
 
 
+@pytest.fixture
+def served_app(tmp_path, tiny_package_dir):
+    """Make sync-server apps on temp data folders, the tiny package (or ``package``) served, MLflow
+    off and no background threads unless ``config`` says otherwise; all closed after the test."""
+    from infantino.sync_server import create_app
+    from infantino.sync_server.models import promote_package
+
+    made = []
+
+    def make(config: dict | None = None, *, data_dir: Path | None = None, package: Path | None = None):
+        folder = data_dir or tmp_path / f"server-{len(made)}"
+        app = create_app({"DATA_DIR": str(folder), "MLFLOW_URI": "off", "BACKGROUND": False, **(config or {})})
+        state = app.extensions["infantino"]
+        made.append(state)
+        promote_package(state.store, state.data_dir, package or tiny_package_dir)
+        return app
+
+    yield make
+    for state in made:
+        state.close()
+
+
 def require_data(*parts: str) -> Path:
     path = DATA.joinpath(*parts)
     if not path.exists():

@@ -13,19 +13,13 @@ import pytest
 from infantino.edge_runtime import wire
 from infantino.edge_runtime.head import OnlineHead
 from server_helpers import make_update
-from infantino.sync_server import create_app
 from infantino.sync_server.aggregate import Strategy
 from infantino.sync_server.models import promote_package
 
 
 @pytest.fixture
-def app(tmp_path, tiny_package_dir):
-    app = create_app({"DATA_DIR": str(tmp_path / "data"), "MLFLOW_URI": "off", "BACKGROUND": False,
-                      "MAX_UPDATE_BYTES": 256 * 1024, "MAX_STALENESS": 1, "MAX_DELTA_NORM": 20.0})
-    s = app.extensions["infantino"]
-    promote_package(s.store, s.data_dir, tiny_package_dir)
-    yield app
-    s.close()
+def app(served_app):
+    return served_app({"MAX_UPDATE_BYTES": 256 * 1024, "MAX_STALENESS": 1, "MAX_DELTA_NORM": 20.0})
 
 
 @pytest.fixture
@@ -218,10 +212,9 @@ def test_on_demand_aggregation_moves_the_head_by_one_voice_per_device(app, clien
     assert status["updates"] == {"aggregated": 3} and status["serving"]["head_version"] == new_info["head_version"]
 
 
-def test_k_devices_with_buffered_updates_trigger_a_step_in_the_background(tmp_path, tiny_package_dir):
-    app = create_app({"DATA_DIR": str(tmp_path / "bg"), "MLFLOW_URI": "off", "BACKGROUND": True, "AGGREGATE_K": 3})
+def test_k_devices_with_buffered_updates_trigger_a_step_in_the_background(served_app):
+    app = served_app({"BACKGROUND": True, "AGGREGATE_K": 3})
     s = app.extensions["infantino"]
-    promote_package(s.store, s.data_dir, tiny_package_dir)
     tokens = {name: s.store.add_client(name) for name in ("cam1", "cam2", "cam3")}
     client = app.test_client()
     info, head = model(client, tokens["cam1"])
@@ -236,4 +229,3 @@ def test_k_devices_with_buffered_updates_trigger_a_step_in_the_background(tmp_pa
         time.sleep(0.05)
     assert s.store.serving().head_version == info["head_version"] + 1
     assert s.store.counts() == {"aggregated": 6}
-    s.close()

@@ -18,7 +18,6 @@ from sqlalchemy import insert
 
 from infantino.edge_runtime import wire
 from server_helpers import REPO, Server, cli, make_update
-from infantino.sync_server import create_app
 from infantino.sync_server import store as st
 from infantino.sync_server.crops import export_folder
 from infantino.sync_server.models import PromoteError, promote_package
@@ -27,12 +26,8 @@ DEEP = 100_000  # far past Python's recursion limit
 
 
 @pytest.fixture
-def app(tmp_path, tiny_package_dir):
-    app = create_app({"DATA_DIR": str(tmp_path / "data"), "MLFLOW_URI": "off", "BACKGROUND": False})
-    s = app.extensions["infantino"]
-    promote_package(s.store, s.data_dir, tiny_package_dir)
-    yield app
-    s.close()
+def app(served_app):
+    return served_app()
 
 
 @pytest.fixture

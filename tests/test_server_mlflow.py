@@ -98,15 +98,13 @@ def test_promoting_a_new_extractor_moves_the_alias_and_serves_it(tracked, tmp_pa
     assert served["package_version"] == "tiny-2"
 
 
-def test_mlflow_down_keeps_updates_and_logs_them_when_it_is_back(tracked, tmp_path, tiny_package_dir):
+def test_mlflow_down_keeps_updates_and_logs_them_when_it_is_back(tracked, tmp_path, served_app):
     # Prepare: MLflow's database cannot be opened (its folder is a plain file) = MLflow down
     _, module_state, _, _, _ = tracked
     mlflow_dir = tmp_path / "mlflow-server"
     mlflow_dir.write_text("not a folder")
-    app = create_app({"DATA_DIR": str(tmp_path / "data"), "BACKGROUND": False,
-                      "MLFLOW_URI": sqlite_url(mlflow_dir / "mlflow.db")})
+    app = served_app({"MLFLOW_URI": sqlite_url(mlflow_dir / "mlflow.db")})
     s = app.extensions["infantino"]
-    promote_package(s.store, s.data_dir, tiny_package_dir)
     token = s.store.add_client("cam1")
     # Execute: devices keep working, the server keeps aggregating
     _post_updates(app, token, "cam1", 3)
@@ -128,7 +126,6 @@ def test_mlflow_down_keeps_updates_and_logs_them_when_it_is_back(tracked, tmp_pa
     exp = client.get_experiment_by_name(FEDERATED_EXPERIMENT)
     names = [r.info.run_name for r in client.search_runs([exp.experiment_id], filter_string=f"params.new_head_version = '{result.new_head_version}'")]
     assert f"aggregation-{result.aggregation_id}" in names
-    s.close()
 
 
 def test_a_hanging_mlflow_blocks_neither_updates_nor_aggregation(tmp_path, tiny_package_dir):

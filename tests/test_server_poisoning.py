@@ -101,15 +101,13 @@ def test_one_hostile_token_does_not_move_held_out_accuracy(tmp_path, tiny_packag
     assert honest_accuracy > 0.5
 
 
-def test_the_head_gate_keeps_a_worse_head_from_devices(tmp_path, tiny_package_dir):
+def test_the_head_gate_keeps_a_worse_head_from_devices(tmp_path, tiny_package_dir, served_app):
     # Prepare: a held-out set, MLflow, the plain mean and no norm bounds from past rounds: only the gate stands in the way
     held = write_image_folder(tmp_path / "held", per_class=8, seed=60, classes=CLASSES)
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    app = create_app({"DATA_DIR": str(tmp_path / "data"), "MLFLOW_URI": mlflow_uri, "BACKGROUND": False,
-                      "GATE_DIRS": [str(held)], "STRATEGY": {"rule": "fedavg", "clip_norm": None},
+    app = served_app({"MLFLOW_URI": mlflow_uri, "GATE_DIRS": [str(held)], "STRATEGY": {"rule": "fedavg", "clip_norm": None},
                       "NORM_BOUND_FACTOR": 0, "CLIP_CAP_FACTOR": 0})
     s = app.extensions["infantino"]
-    promote_package(s.store, s.data_dir, tiny_package_dir)
     mallory, cam, admin = s.store.add_client("mallory"), s.store.add_client("cam0"), s.store.rotate_admin()
     client = app.test_client()
     boot, boot_head = served_head(client, cam)
@@ -140,13 +138,11 @@ def test_the_head_gate_keeps_a_worse_head_from_devices(tmp_path, tiny_package_di
     assert metrics["head_gate.candidate_accuracy"] < metrics["head_gate.current_accuracy"]
     heads = mlf.search_model_versions("name = 'infantino-head'")
     assert sorted(int(v.tags["head_version"]) for v in heads) == [boot["head_version"], served["head_version"]]
-    s.close()
 
 
-def test_after_an_honest_round_an_oversized_update_is_refused_at_the_door(tmp_path, tiny_package_dir):
-    app = create_app({"DATA_DIR": str(tmp_path), "MLFLOW_URI": "off", "BACKGROUND": False})
+def test_after_an_honest_round_an_oversized_update_is_refused_at_the_door(tiny_package_dir, served_app):
+    app = served_app()
     s = app.extensions["infantino"]
-    promote_package(s.store, s.data_dir, tiny_package_dir)
     cams = {f"cam{i}": s.store.add_client(f"cam{i}") for i in range(3)}
     mallory, admin = s.store.add_client("mallory"), s.store.rotate_admin()
     client = app.test_client()
@@ -164,4 +160,3 @@ def test_after_an_honest_round_an_oversized_update_is_refused_at_the_door(tmp_pa
     assert second.status_code == 422 and "beyond the bound" in second.json["error"]
     bound = float(second.json["error"].rsplit(" ", 1)[-1])
     assert bound < 49.9 and bound == pytest.approx(10 * s.store.recent_voice_norm(info["package_version"]), rel=1e-3)
-    s.close()

@@ -58,11 +58,11 @@ def test_tokens_are_stored_hashed_and_revocable(served):
     assert token not in stored and st.hash_token(token) in stored
     assert store.client_for_token(token).name == "cam-a"
     assert store.client_for_token(token + "x") is None
-    with pytest.raises(st.StoreError):
+    with pytest.raises(st.StoreError, match="already exists"):
         store.add_client("cam-a")
     store.revoke("cam-a")
     assert store.client_for_token(token).revoked
-    with pytest.raises(st.StoreError):
+    with pytest.raises(st.StoreError, match="already revoked"):
         store.revoke("cam-a")
 
 
@@ -248,3 +248,28 @@ def test_aggregated_arrays_are_pruned_after_the_retention_time_and_rows_stay(ser
         left = conn.execute(select(st.update_deltas.c.update_id)).scalars().all()
     assert len(left) == 1 and store.counts() == {"aggregated": 3, "buffered": 1}
     assert aggregate_once(store, Strategy(), min_updates=1).n_updates == 1
+
+
+def test_binary_copy_rows_are_parsed_however_the_stream_is_cut():
+    import random
+    import struct
+
+    from infantino.sync_server.db.queries import CopyBinaryRows
+
+    # Prepare: PostgreSQL's binary COPY of (int4, bytea) rows, cut at random places
+    blobs = {7: b"\x00\x01" * 5, 9: b"", 12: bytes(range(256)) * 3}
+    data = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+    for uid, blob in blobs.items():
+        data += struct.pack(">hiii", 2, 4, uid, len(blob)) + blob
+    data += struct.pack(">h", -1)
+    rng = random.Random(3)
+    for _ in range(20):
+        got = {}
+        sink = CopyBinaryRows(lambda uid, blob: got.__setitem__(uid, bytes(blob)))
+        cuts = sorted(rng.sample(range(1, len(data)), 6))
+        for a, b in zip([0] + cuts, cuts + [len(data)]):
+            sink.write(data[a:b])
+        # Assert
+        assert got == blobs and sink.done
+    with pytest.raises(st.StoreError, match="not in the binary format"):
+        CopyBinaryRows(lambda uid, blob: None).write(b"COPY-TEXT" + bytes(30))

@@ -7,7 +7,6 @@ run atomically together: a promotion, a round, a rollback.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import struct
 import time
@@ -195,60 +194,99 @@ def mark_updates(conn: Connection, ids: Sequence[int], agg_id: int, status: str)
 
 
 def load_deltas(conn: Connection, ids: Sequence[int], n_params: int) -> np.ndarray:
-    """The deltas of ``ids`` as one (n, P) float32 matrix, read in chunks (no second copy of the blobs).
+    """The deltas of ``ids`` as one (n, P) float32 matrix, read in chunks, each array copied
+    once, straight into its row.
 
     On PostgreSQL (psycopg2) the arrays travel in COPY's binary format: a bytea column read
     by a plain SELECT arrives as hex text, twice its size, and is decoded on the client."""
     out = np.empty((len(ids), n_params), np.float32)
     row_of = {uid: i for i, uid in enumerate(ids)}
-    reader = _deltas_copy_binary if conn.dialect.driver == "psycopg2" else _deltas_select
     filled = 0
+
+    def fill(uid: int, blob) -> None:
+        nonlocal filled
+        if len(blob) != 4 * n_params:
+            raise StoreError(f"the delta of update {uid} does not match the served head's size")
+        out[row_of[uid]] = np.frombuffer(blob, dtype="<f4")
+        filled += 1
+
+    read = _deltas_copy_binary if conn.dialect.driver == "psycopg2" else _deltas_select
     for part in _chunks(ids, 2000):
-        for uid, blob in reader(conn, part):
-            if len(blob) != 4 * n_params:
-                raise StoreError(f"the delta of update {uid} does not match the served head's size")
-            out[row_of[uid]] = np.frombuffer(blob, dtype="<f4")
-            filled += 1
+        read(conn, part, fill)
     if filled != len(ids):
         raise StoreError(f"{len(ids) - filled} buffered updates have no delta")
     return out
 
 
-def _deltas_select(conn: Connection, ids: Sequence[int]):
-    return conn.execute(select(update_deltas.c.update_id, update_deltas.c.delta).where(update_deltas.c.update_id.in_(ids)))
+def _deltas_select(conn: Connection, ids: Sequence[int], fill) -> None:
+    for uid, blob in conn.execute(select(update_deltas.c.update_id, update_deltas.c.delta)
+                                  .where(update_deltas.c.update_id.in_(ids))):
+        fill(uid, blob)
 
 
 _COPY_DELTAS = "COPY (SELECT update_id, delta FROM update_deltas WHERE update_id = ANY(%s)) TO STDOUT WITH (FORMAT binary)"
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 
 
-def _deltas_copy_binary(conn: Connection, ids: Sequence[int]) -> Iterator[tuple[int, memoryview]]:
-    """(update id, delta bytes) through ``COPY ... TO STDOUT (FORMAT binary)`` in the caller's transaction."""
+def _deltas_copy_binary(conn: Connection, ids: Sequence[int], fill) -> None:
+    """(update id, delta bytes) to ``fill`` through ``COPY ... TO STDOUT (FORMAT binary)``, in the caller's transaction."""
+    sink = CopyBinaryRows(fill)
     cur = conn.connection.dbapi_connection.cursor()
     try:
-        buf = io.BytesIO()
-        cur.copy_expert(cur.mogrify(_COPY_DELTAS, ([int(i) for i in ids],)).decode("ascii"), buf)
+        cur.copy_expert(cur.mogrify(_COPY_DELTAS, ([int(i) for i in ids],)).decode("ascii"), sink)
     finally:
         cur.close()
-    yield from parse_copy_binary(buf.getbuffer())
+    if not sink.done:
+        raise StoreError("PostgreSQL's COPY answer ended early")
 
 
-def parse_copy_binary(data: memoryview) -> Iterator[tuple[int, memoryview]]:
-    """Rows of (int4, bytea) from PostgreSQL's binary COPY format."""
-    if bytes(data[:11]) != _COPY_SIGNATURE:
-        raise StoreError("PostgreSQL's COPY answer is not in the binary format")
-    pos = 19 + struct.unpack_from(">i", data, 15)[0]  # signature, flags, header extension
-    while True:
-        (n_fields,) = struct.unpack_from(">h", data, pos)
-        if n_fields == -1:
-            return
-        uid_len, uid = struct.unpack_from(">ii", data, pos + 2)
-        (blob_len,) = struct.unpack_from(">i", data, pos + 10)
-        if n_fields != 2 or uid_len != 4 or blob_len < 0:
-            raise StoreError("unexpected row in PostgreSQL's COPY answer")
-        start = pos + 14
-        yield uid, data[start:start + blob_len]
-        pos = start + blob_len
+class CopyBinaryRows:
+    """A file-like sink for ``copy_expert``: parses rows of (int4, bytea) in PostgreSQL's binary
+    COPY format as they arrive and hands each to ``on_row(int, memoryview)`` (valid only during the call)."""
+
+    def __init__(self, on_row):
+        self.on_row = on_row
+        self.done = False
+        self._buf = bytearray()
+        self._header = False
+
+    def write(self, data) -> int:
+        self._buf += data
+        view = memoryview(self._buf)
+        try:
+            pos = self._rows(view)
+        finally:
+            view.release()
+        del self._buf[:pos]
+        return len(data)
+
+    def _rows(self, view: memoryview) -> int:
+        pos = 0
+        if not self._header:
+            if len(view) < 19 or len(view) < 19 + struct.unpack_from(">i", view, 15)[0]:
+                return 0
+            if bytes(view[:11]) != _COPY_SIGNATURE:
+                raise StoreError("PostgreSQL's COPY answer is not in the binary format")
+            pos, self._header = 19 + struct.unpack_from(">i", view, 15)[0], True
+        while len(view) - pos >= 2 and not self.done:
+            (n_fields,) = struct.unpack_from(">h", view, pos)
+            if n_fields == -1:
+                self.done = True
+                return pos + 2
+            if len(view) - pos < 14:
+                break
+            uid_len, uid, blob_len = struct.unpack_from(">iii", view, pos + 2)
+            if n_fields != 2 or uid_len != 4 or blob_len < 0:
+                raise StoreError("unexpected row in PostgreSQL's COPY answer")
+            if len(view) - pos < 14 + blob_len:
+                break
+            blob = view[pos + 14:pos + 14 + blob_len]
+            try:
+                self.on_row(uid, blob)
+            finally:
+                blob.release()
+            pos += 14 + blob_len
+        return pos
 
 
 # --------------------------------------------------------------------------- aggregations
