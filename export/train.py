@@ -164,6 +164,121 @@ def _mlflow_run(cfg: TrainConfig, run_id: Optional[str]):
     return run
 
 
+@dataclass
+class _Job:
+    """One training run's moving parts, resumed from the checkpoint when there is one."""
+
+    net: torch.nn.Module
+    model_cfg: ModelConfig
+    frozen_bn: bool
+    steps: int  # per epoch
+    opt: torch.optim.Optimizer
+    ema: _Ema
+    weights: torch.Tensor  # class weights of the loss
+    history: list[dict]
+    start_epoch: int
+    run_id: Optional[str]
+    sched: object = None
+    run: object = None  # the MLflow run, if any
+
+
+def _resume(ckpt_path: Path, net: torch.nn.Module, ema: _Ema, opt: torch.optim.Optimizer) -> tuple[list[dict], int, Optional[str]]:
+    """Load the checkpoint's weights and optimizer state; returns (history, first epoch to run, MLflow run id)."""
+    if not ckpt_path.exists():
+        return [], 1, None
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    net.load_state_dict(state["model"])
+    ema.model.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    start_epoch = state["epoch"] + 1
+    print(f"resuming from {ckpt_path} at epoch {start_epoch}")
+    return state["history"], start_epoch, state.get("mlflow_run_id")
+
+
+def _start(cfg: TrainConfig, ckpt_path: Path, train_labels: np.ndarray) -> _Job:
+    net = start_network(cfg)
+    model_cfg, frozen_bn = net.config, bool(getattr(net, "frozen_batchnorm", False))
+    net = net.train().to(memory_format=torch.channels_last)
+    steps = int(np.ceil(len(train_labels) / cfg.batch_size))
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = _Ema(net, cfg.ema_decay)
+    weights = class_weights(train_labels, len(CLASSES))
+    job = _Job(net, model_cfg, frozen_bn, steps, opt, ema, weights, *_resume(ckpt_path, net, ema, opt))
+    # Built after a resume so that a larger --epochs stretches the remaining schedule.
+    job.sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=max(cfg.epochs, job.start_epoch - 1) * steps, pct_start=0.15,
+        last_epoch=(job.start_epoch - 1) * steps - 1,
+    )
+    return job
+
+
+def _train_epoch(job: _Job, cfg: TrainConfig, pixels: torch.Tensor, labels: torch.Tensor, epoch: int,
+                 g: torch.Generator) -> tuple[float, float]:
+    """One pass over the shuffled training set; returns (mean loss, accuracy) on the augmented batches."""
+    order = torch.randperm(len(labels), generator=g)
+    seen, correct, loss_sum = 0, 0, 0.0
+    bar = tqdm(range(job.steps), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", mininterval=5)
+    for step in bar:
+        idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        x = augment(pixels[idx], g, AugmentConfig()).contiguous(memory_format=torch.channels_last)
+        y = labels[idx]
+        logits = job.net(x)
+        loss = F.cross_entropy(logits, y, weight=job.weights, label_smoothing=cfg.label_smoothing)
+        job.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        job.opt.step()
+        job.sched.step()
+        job.ema.update(job.net, (epoch - 1) * job.steps + step)
+        seen += len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        loss_sum += loss.item() * len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+    return loss_sum / seen, correct / seen
+
+
+def _end_epoch(job: _Job, cfg: TrainConfig, out: Path, epoch: int, fit: tuple[float, float], val: dict, t0: float) -> None:
+    """Record the epoch: history, checkpoint (atomically), curves, MLflow."""
+    job.history.append({
+        "epoch": epoch, "train_loss": fit[0], "train_accuracy": fit[1],
+        "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+        "lr": job.sched.get_last_lr()[0], "seconds": time.time() - t0,
+    })
+    print(f"epoch {epoch}: val accuracy {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f} ({time.time() - t0:.0f} s)", flush=True)
+    state = {
+        "model": job.net.state_dict(), "ema": job.ema.model.state_dict(), "optimizer": job.opt.state_dict(),
+        "epoch": epoch, "history": job.history,
+        "model_config": job.model_cfg.to_dict(), "train_config": asdict(cfg), "preprocess": training_spec(cfg).to_dict(),
+        "mlflow_run_id": job.run.info.run_id if job.run else None,
+    }
+    atomic_write_with(out / CHECKPOINT, lambda fh: torch.save(state, fh))
+    plot_curves(job.history, out / "training_curves.png")
+    if job.run:
+        import mlflow
+
+        mlflow.log_metrics({k: v for k, v in job.history[-1].items() if k != "epoch"}, step=epoch)
+
+
+def _finish(job: _Job, cfg: TrainConfig, out: Path, n_train: int, val_set: FaceSet) -> dict:
+    """Score the EMA network once more; write metrics.json and the confusion matrix, close the MLflow run."""
+    final = evaluate(job.ema.model, val_set)
+    plot_confusion(np.array(final["confusion"]), CLASSES, out / "confusion_matrix.png", f"FER validation (n={final['n']})")
+    metrics = {
+        "arch": cfg.arch, "epochs": cfg.epochs, "val_accuracy": final["accuracy"], "val_macro_f1": final["macro_f1"],
+        "val": final, "history": job.history, "n_train": n_train, "n_val": len(val_set), "seed": cfg.seed,
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    if job.run:
+        import mlflow
+
+        mlflow.log_metrics({"final_val_accuracy": final["accuracy"], "final_val_macro_f1": final["macro_f1"]})
+        for name in ("metrics.json", "training_curves.png", "confusion_matrix.png"):
+            mlflow.log_artifact(str(out / name))
+        mlflow.end_run()
+    return metrics
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns the final metrics dict written to metrics.json."""
     out = Path(cfg.out)
@@ -172,94 +287,19 @@ def train(cfg: TrainConfig) -> dict:
     torch.set_num_threads(cfg.threads)
 
     train_set, val_set = split_data(cfg)
-    net = start_network(cfg)
-    model_cfg, frozen_bn = net.config, bool(getattr(net, "frozen_batchnorm", False))
-    net = net.train().to(memory_format=torch.channels_last)
-
-    steps = int(np.ceil(len(train_set) / cfg.batch_size))
-    if cfg.max_steps_per_epoch:
-        steps = min(steps, cfg.max_steps_per_epoch)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = _Ema(net, cfg.ema_decay)
-    weights = class_weights(train_set.labels, len(CLASSES))
-    history: list[dict] = []
-    start_epoch, run_id = 1, None
-
-    ckpt_path = out / CHECKPOINT
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        net.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        history, start_epoch, run_id = state["history"], state["epoch"] + 1, state.get("mlflow_run_id")
-        print(f"resuming from {ckpt_path} at epoch {start_epoch}")
-    # Built after a resume so that a larger --epochs stretches the remaining schedule.
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=max(cfg.epochs, start_epoch - 1) * steps, pct_start=0.15,
-        last_epoch=(start_epoch - 1) * steps - 1,
-    )
-
-    run = _mlflow_run(cfg, run_id)
+    job = _start(cfg, out / CHECKPOINT, train_set.labels)
+    job.run = _mlflow_run(cfg, job.run_id)
     pixels = torch.from_numpy(train_set.pixels)
     labels = torch.from_numpy(train_set.labels)
-    for epoch in range(start_epoch, cfg.epochs + 1):
+    for epoch in range(job.start_epoch, cfg.epochs + 1):
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        order = torch.randperm(len(labels), generator=g)
-        net.train()
-        if frozen_bn:
-            freeze_batchnorm(net)
-        t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
-        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", mininterval=5)
-        for step in bar:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x = augment(pixels[idx], g, AugmentConfig()).contiguous(memory_format=torch.channels_last)
-            y = labels[idx]
-            logits = net(x)
-            loss = F.cross_entropy(logits, y, weight=weights, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            ema.update(net, (epoch - 1) * steps + step)
-            seen += len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            loss_sum += loss.item() * len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-        val = evaluate(ema.model, val_set)
-        history.append({
-            "epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-            "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-            "lr": sched.get_last_lr()[0], "seconds": time.time() - t0,
-        })
-        print(f"epoch {epoch}: val accuracy {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f} ({time.time() - t0:.0f} s)", flush=True)
-        state = {
-            "model": net.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
-            "epoch": epoch, "history": history,
-            "model_config": model_cfg.to_dict(), "train_config": asdict(cfg), "preprocess": training_spec(cfg).to_dict(),
-            "mlflow_run_id": run.info.run_id if run else None,
-        }
-        atomic_write_with(ckpt_path, lambda fh: torch.save(state, fh))
-        plot_curves(history, out / "training_curves.png")
-        if run:
-            import mlflow
-
-            mlflow.log_metrics({k: v for k, v in history[-1].items() if k != "epoch"}, step=epoch)
-
-    final = evaluate(ema.model, val_set)
-    plot_confusion(np.array(final["confusion"]), CLASSES, out / "confusion_matrix.png", f"FER validation (n={final['n']})")
-    metrics = {
-        "arch": cfg.arch, "epochs": cfg.epochs, "val_accuracy": final["accuracy"], "val_macro_f1": final["macro_f1"],
-        "val": final, "history": history, "n_train": len(train_set), "n_val": len(val_set), "seed": cfg.seed,
-    }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    if run:
-        import mlflow
-
-        mlflow.log_metrics({"final_val_accuracy": final["accuracy"], "final_val_macro_f1": final["macro_f1"]})
-        for name in ("metrics.json", "training_curves.png", "confusion_matrix.png"):
-            mlflow.log_artifact(str(out / name))
-        mlflow.end_run()
-    return metrics
+        job.net.train()
+        if job.frozen_bn:
+            freeze_batchnorm(job.net)
+        t0 = time.time()
+        fit = _train_epoch(job, cfg, pixels, labels, epoch, g)
+        _end_epoch(job, cfg, out, epoch, fit, evaluate(job.ema.model, val_set), t0)
+    return _finish(job, cfg, out, len(train_set), val_set)
 
 
 def load_checkpoint(path: str | Path) -> tuple[ExpressionNet, dict]:

@@ -75,6 +75,34 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.time()
     images = find_images(args.images)
     args.model_dir = args.model_dir or str(default_model_dir())
+    strategies = _checked_strategies(args)
+    shards, test = plan_split(images, args.devices, args.seed, limit=args.limit)
+    _check_packages(args, test)
+    out = fresh_out(Path(args.out).resolve())  # absolute: the server process runs from the repository and
+    # Flask resolves a relative file path against its package folder
+    gate_dir = _write_test_folder(out / "held-out", test) if args.refresh_package else None
+    print(f"{sum(map(len, shards))} photos in {args.devices} camera streams, {len(test)} held out; "
+          f"{args.rounds} rounds, {args.budget} labels per camera per round; package {args.model_dir}")
+    arms = {}
+    for strategy in strategies:
+        plan = FleetPlan(Path(args.model_dir), shards, test, args.rounds, args.budget, strategy, args.seed,
+                         share_crops=args.share_crops,
+                         refresh_package=Path(args.refresh_package) if args.refresh_package else None,
+                         refresh_after=args.refresh_after, gate_dirs=[str(gate_dir)] if gate_dir else [])
+        arms[strategy] = _run_arm(plan, out / strategy, args)
+    settings = {k: v for k, v in vars(args).items()}
+    settings.update(images=str(images), n_test=len(test), shard_sizes=[len(s) for s in shards], seconds=round(time.time() - t0, 1))
+    _print_results(arms, write_summary(out, arms, settings), plot(out, arms))
+    if not args.no_mlflow:
+        first = out.resolve() / strategies[0] / "server"
+        print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{first / 'mlflow.db'} "
+              f"--default-artifact-root {first / 'mlartifacts'}   (then open http://127.0.0.1:5000)")
+    print(f"done in {time.time() - t0:.0f} s")
+    return 0
+
+
+def _checked_strategies(args: argparse.Namespace) -> list[str]:
+    """The labelling arms asked for, once the options that go together are checked."""
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if unknown := set(strategies) - set(STRATEGIES):
         raise ValueError(f"unknown strategy {sorted(unknown)}; choose from {', '.join(STRATEGIES)}")
@@ -82,46 +110,48 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--refresh-package and --refresh-after go together")
     if args.refresh_after is not None and not 1 <= args.refresh_after <= args.rounds:
         raise ValueError(f"--refresh-after must be a round from 1 to {args.rounds}")
-    shards, test = plan_split(images, args.devices, args.seed, limit=args.limit)
-    open_package(Path(args.model_dir), verify=False)  # a missing or malformed package: one line, before anything is wiped
+    return strategies
+
+
+def _check_packages(args: argparse.Namespace, test: list) -> None:
+    """A missing or malformed package, or one trained on held-out photos: one line, before anything is wiped."""
+    open_package(Path(args.model_dir), verify=False)
     for package in filter(None, [args.model_dir, args.refresh_package]):
         if leaked := trained_on_held_out(Path(package), test):
             raise ValueError(f"{package} was trained on {leaked} of the {len(test)} held-out photos "
                              f"(seed {args.seed}); use the seed of the split it was trained on")
-    out = fresh_out(Path(args.out).resolve())  # absolute: the server process runs from the repository and
-    # Flask resolves a relative file path against its package folder
-    gate_dir = _write_test_folder(out / "held-out", test) if args.refresh_package else None
-    print(f"{sum(map(len, shards))} photos in {args.devices} camera streams, {len(test)} held out; "
-          f"{args.rounds} rounds, {args.budget} labels per camera per round; package {args.model_dir}")
-    arms = {}
+
+
+def _progress_bar(total: int, strategy: str):
     try:
         from tqdm import tqdm
     except ImportError:  # progress bar is a nicety (tqdm ships with the export extra)
-        tqdm = None
-    for strategy in strategies:
-        plan = FleetPlan(Path(args.model_dir), shards, test, args.rounds, args.budget, strategy, args.seed,
-                         share_crops=args.share_crops,
-                         refresh_package=Path(args.refresh_package) if args.refresh_package else None,
-                         refresh_after=args.refresh_after, gate_dirs=[str(gate_dir)] if gate_dir else [])
-        bar = (tqdm(total=args.rounds + 1, desc=f"{strategy} labelling", unit="round", leave=False, disable=None)
-               if tqdm else None)  # disable=None: no bar when stderr is not a terminal (logs, CI)
-        lines = [header(args.devices)]
+        return None
+    # disable=None: no bar when stderr is not a terminal (logs, CI)
+    return tqdm(total=total, desc=f"{strategy} labelling", unit="round", leave=False, disable=None)
 
-        def on_round(record, strategy=strategy, bar=bar, lines=lines):
-            lines.append(row(strategy, record))
-            if bar is not None:
-                bar.update(1)
-                bar.write(lines[-1] if len(lines) > 2 else "\n".join(lines))
-            else:
-                print(lines[-1] if len(lines) > 2 else "\n".join(lines), flush=True)
 
-        arms[strategy] = run_fleet(plan, out / strategy, on_round, mlflow=not args.no_mlflow)
+def _run_arm(plan: FleetPlan, out: Path, args: argparse.Namespace) -> list:
+    """One labelling arm's fleet, its table printed a row per round as the rounds end."""
+    bar = _progress_bar(args.rounds + 1, plan.strategy)
+    lines = [header(args.devices)]
+
+    def on_round(record):
+        lines.append(row(plan.strategy, record))
+        text = lines[-1] if len(lines) > 2 else "\n".join(lines)
         if bar is not None:
-            bar.close()
-    settings = {k: v for k, v in vars(args).items()}
-    settings.update(images=str(images), n_test=len(test), shard_sizes=[len(s) for s in shards], seconds=round(time.time() - t0, 1))
-    summary = write_summary(out, arms, settings)
-    plots = plot(out, arms)
+            bar.update(1)
+            bar.write(text)
+        else:
+            print(text, flush=True)
+
+    records = run_fleet(plan, out, on_round, mlflow=not args.no_mlflow)
+    if bar is not None:
+        bar.close()
+    return records
+
+
+def _print_results(arms: dict, summary: Path, plots: list) -> None:
     print()
     for strategy, recs in arms.items():
         print(f"{strategy:11s} global head on held-out photos: {recs[0].global_accuracy:.3f} -> {recs[-1].global_accuracy:.3f} "
@@ -132,12 +162,6 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{'':11s} refreshed package after round {r.round} ({decision}): global head "
                       f"{r.gate['held_out_before']:.3f} before -> {r.global_accuracy:.3f} after")
     print(f"summary: {summary}" + (f"; plots: {', '.join(str(p) for p in plots)}" if plots else " (no matplotlib: no plots)"))
-    if not args.no_mlflow:
-        first = out.resolve() / strategies[0] / "server"
-        print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{first / 'mlflow.db'} "
-              f"--default-artifact-root {first / 'mlartifacts'}   (then open http://127.0.0.1:5000)")
-    print(f"done in {time.time() - t0:.0f} s")
-    return 0
 
 
 def _write_test_folder(root: Path, items: list[tuple[Path, int]]) -> Path:

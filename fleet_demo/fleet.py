@@ -100,12 +100,7 @@ def _global_head(server: LocalServer) -> tuple[OnlineHead, int, str]:
 def run_fleet(plan: FleetPlan, work: Path, on_round: Callable[[RoundRecord], None] = lambda r: None,
               mlflow: bool = True) -> list[RoundRecord]:
     """Simulate ``plan`` with a fresh server under ``work``; returns one record per round (0 = before learning)."""
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    env = {"INFANTINO_GATE_DIRS": os.pathsep.join(plan.gate_dirs)} if plan.gate_dirs else None
-    server = LocalServer(work, plan.package, env=env,
-                         mlflow_uri=f"sqlite:///{work / 'server' / 'mlflow.db'}" if mlflow else "off")
+    server = _fresh_server(plan, work, mlflow)
     test = TestSet(plan.test)
     rng = np.random.default_rng(plan.seed)
     config = replace(DEVICE_CONFIG, share_crops=plan.share_crops, seed=plan.seed)
@@ -113,44 +108,18 @@ def run_fleet(plan: FleetPlan, work: Path, on_round: Callable[[RoundRecord], Non
     try:
         server.process.start()
         names = [f"camera-{i + 1}" for i in range(len(plan.shards))]
-        devices = []
-        for name in names:
-            device = Device(plan.package, work / "devices" / name, config)
-            report, device = sync_device(device, server.url, server.token(name))
-            if report.error:
-                raise RuntimeError(f"{name}: first sync failed: {report.error}")
-            devices.append(device)
+        devices = [_joined(Device(plan.package, work / "devices" / name, config), server, name) for name in names]
         chunks = [np.array_split(np.arange(len(shard)), plan.rounds) for shard in plan.shards]
         records = [_record(0, 0, devices, server, test)]
         on_round(records[-1])
         spent = 0
         for r in range(1, plan.rounds + 1):
-            for i, device in enumerate(devices):
-                frames = [plan.shards[i][j] for j in chunks[i][r - 1]]
-                preds, labels = [], []
-                for path, label in frames:
-                    try:
-                        preds.append(device.predict(path, enqueue=False))
-                        labels.append(label)
-                    except ImageError:
-                        continue
-                if not preds:
-                    continue
-                for k in pick(np.array([p.uncertainty for p in preds]), plan.budget, plan.strategy, rng):
-                    device.learn(preds[k], labels[k])
-                    spent += 1
-                device.save()
-                report, devices[i] = sync_device(device, server.url, server.token(names[i]))
-                _check(report, names[i])
+            devices, given = _label_round(plan, r, chunks, devices, names, server, rng)
+            spent += given
             server.aggregate()
-            gate = None
-            if plan.refresh_package is not None and plan.refresh_after == r:
-                before = _record(r, spent, devices, server, test)
-                gate = {**publish_refresh(server, plan.refresh_package), "held_out_before": before.global_accuracy,
-                        "device_accuracy_before": before.device_accuracy}
-            for i, device in enumerate(devices):  # pull the new global head (and package, if one was published)
-                report, devices[i] = sync_device(device, server.url, server.token(names[i]))
-                _check(report, names[i])
+            gate = _refresh(plan, r, spent, devices, server, test)
+            # pull the new global head (and package, if one was published)
+            devices = [_synced(device, server, name) for device, name in zip(devices, names)]
             records.append(_record(r, spent, devices, server, test, refreshed=gate is not None and gate.get("promoted", False), gate=gate))
             on_round(records[-1])
         if mlflow and not server.flush_tracking():
@@ -159,6 +128,71 @@ def run_fleet(plan: FleetPlan, work: Path, on_round: Callable[[RoundRecord], Non
     finally:
         atexit.unregister(server.close)
         server.close()
+
+
+def _fresh_server(plan: FleetPlan, work: Path, mlflow: bool) -> LocalServer:
+    """A server on an emptied ``work`` folder, serving the plan's package (not started yet)."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    env = {"INFANTINO_GATE_DIRS": os.pathsep.join(plan.gate_dirs)} if plan.gate_dirs else None
+    return LocalServer(work, plan.package, env=env,
+                       mlflow_uri=f"sqlite:///{work / 'server' / 'mlflow.db'}" if mlflow else "off")
+
+
+def _joined(device: Device, server: LocalServer, name: str) -> Device:
+    report, device = sync_device(device, server.url, server.token(name))
+    if report.error:
+        raise RuntimeError(f"{name}: first sync failed: {report.error}")
+    return device
+
+
+def _synced(device: Device, server: LocalServer, name: str) -> Device:
+    report, device = sync_device(device, server.url, server.token(name))
+    _check(report, name)
+    return device
+
+
+def _label_round(plan: FleetPlan, r: int, chunks: list, devices: list[Device], names: list[str], server: LocalServer,
+                 rng: np.random.Generator) -> tuple[list[Device], int]:
+    """Round ``r`` on every camera: its frames, the caregiver's labels, learning and a sync;
+    returns the devices and how many labels were given."""
+    out, spent = [], 0
+    for i, device in enumerate(devices):
+        frames = [plan.shards[i][j] for j in chunks[i][r - 1]]
+        device, given = _label_and_push(device, frames, plan, rng, server, names[i])
+        out.append(device)
+        spent += given
+    return out, spent
+
+
+def _label_and_push(device: Device, frames: list[tuple[Path, int]], plan: FleetPlan, rng: np.random.Generator,
+                    server: LocalServer, name: str) -> tuple[Device, int]:
+    """The device predicts its frames, learns the ``plan.budget`` the caregiver picks, saves and syncs."""
+    preds, labels = [], []
+    for path, label in frames:
+        try:
+            preds.append(device.predict(path, enqueue=False))
+            labels.append(label)
+        except ImageError:
+            continue
+    if not preds:
+        return device, 0
+    given = 0
+    for k in pick(np.array([p.uncertainty for p in preds]), plan.budget, plan.strategy, rng):
+        device.learn(preds[k], labels[k])
+        given += 1
+    device.save()
+    return _synced(device, server, name), given
+
+
+def _refresh(plan: FleetPlan, r: int, spent: int, devices: list[Device], server: LocalServer, test: "TestSet") -> Optional[dict]:
+    """After the plan's refresh round, publish the refreshed package; the gate's answer with the scores before."""
+    if plan.refresh_package is None or plan.refresh_after != r:
+        return None
+    before = _record(r, spent, devices, server, test)
+    return {**publish_refresh(server, plan.refresh_package), "held_out_before": before.global_accuracy,
+            "device_accuracy_before": before.device_accuracy}
 
 
 def publish_refresh(server: LocalServer, package: Path) -> dict:
