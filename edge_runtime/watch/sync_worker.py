@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from ..backoff import Backoff, jittered
 from ..sync.client import sync_device
 from ..sync.transport import AuthError, Http, SyncError
-from .backoff import Backoff, jittered
 
 log = logging.getLogger("infantino.edge_runtime.watch")
 
@@ -74,7 +74,8 @@ class SyncWorker(threading.Thread):
         delay = 0.0
         while not self._exit.wait(delay):
             ok = self.sync_once()
-            delay = jittered(self.settings.every_s, self.settings.jitter, self.rng) if ok else self.backoff.next_delay()
+            j = self.settings.jitter
+            delay = jittered(self.settings.every_s, self.rng, spread=(1.0 - j, 1.0 + j)) if ok else self.backoff.next_delay()
             if ok:
                 self.backoff.reset()
         if self._final:
