@@ -185,25 +185,29 @@ def _jpeg(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-BAD_FRAMES = {
-    "truncated jpeg": lambda d: d.joinpath("t.jpg").write_bytes(_jpeg(face(1))[:300]) and d / "t.jpg",
-    "huge image": lambda d: d.joinpath("h.png").write_bytes(_huge_png_header(20000, 20000)) and d / "h.png",
-    "not an image": lambda d: d.joinpath("n.jpg").write_bytes(b"hello, not a picture") and d / "n.jpg",
-    "missing file": lambda d: d / "nope.png",
-    "bad array": lambda d: np.zeros((8, 8, 5), np.uint8),
-    "nan array": lambda d: np.full((8, 8), np.nan),
-    "not an image object": lambda d: 42,
+BAD_FRAMES = {  # kind: (make the frame in a folder, what the one-line error says)
+    "truncated jpeg": (lambda d: d.joinpath("t.jpg").write_bytes(_jpeg(face(1))[:300]) and d / "t.jpg",
+                       r"t\.jpg: corrupt, truncated or unsupported image"),
+    "huge image": (lambda d: d.joinpath("h.png").write_bytes(_huge_png_header(20000, 20000)) and d / "h.png",
+                   r"h\.png: not a readable image"),
+    "not an image": (lambda d: d.joinpath("n.jpg").write_bytes(b"hello, not a picture") and d / "n.jpg",
+                     r"n\.jpg: not a readable image"),
+    "missing file": (lambda d: d / "nope.png", r"no such image file: .*nope\.png"),
+    "bad array": (lambda d: np.zeros((8, 8, 5), np.uint8), r"frame of shape \(8, 8, 5\) is not"),
+    "nan array": (lambda d: np.full((8, 8), np.nan), "non-finite"),
+    "not an image object": (lambda d: 42, "cannot read an image from a int"),
 }
 
 
 @pytest.mark.parametrize("kind", list(BAD_FRAMES))
 def test_a_bad_frame_is_a_one_line_error_and_changes_nothing(device, tmp_path, kind):
     device.learn(face(0), "angry")
-    frame = BAD_FRAMES[kind](tmp_path)
+    make, message = BAD_FRAMES[kind]
+    frame = make(tmp_path)
     weights, counters, generation = head_weights(device), dict(device.counters), device.generation
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match=message) as err:
         device.predict(frame)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         device.learn(frame, "happy")
     assert "\n" not in str(err.value) and len(str(err.value)) < 200
     assert device.counters == counters and device.generation == generation == device.store.load().generation
@@ -240,7 +244,7 @@ def test_a_package_that_does_not_match_its_manifest_is_refused(tiny_package_dir,
 
 def test_adopting_a_head_of_another_shape_is_refused(device, tiny_package_dir):
     wrong = OnlineHead.fit(np.random.default_rng(0).normal(size=(14, 8)), np.arange(14) % 7, max_iter=2)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="does not match this package's classes or embedding size"):
         device.adopt_head(wrong)
     good = OnlineHead.load(tiny_package_dir / "head.npz")
     device.adopt_head(good)

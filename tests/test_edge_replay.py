@@ -51,7 +51,7 @@ def test_round_trip_through_arrays_and_invalid_arrays_are_refused():
     np.testing.assert_array_equal(again.count, buf.count)
     bad = buf.to_arrays()
     bad["replay_count"] = np.array([9, 0, 0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid counts"):
         ReplayBuffer.from_arrays(bad)
     with pytest.raises(ValueError, match="missing"):
         ReplayBuffer.from_arrays({})

@@ -46,8 +46,9 @@ def test_a_corrupt_newest_snapshot_falls_back_to_the_last_good_one(tmp_path, cap
 
 def test_truncated_and_foreign_files_are_refused(tmp_path):
     data = encode(_arrays(1), {"k": 1})
-    for bad in (data[: len(data) // 2], b"PK\x03\x04 not ours", data[:30]):
-        with pytest.raises(StateError):
+    for bad, message in ((data[: len(data) // 2], "checksum mismatch"), (b"PK\x03\x04 not ours", "not an InfantinO state file"),
+                         (data[:30], "truncated header")):
+        with pytest.raises(StateError, match=message):
             decode(bad)
     assert decode(data)[1] == {"k": 1}
 
