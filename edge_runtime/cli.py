@@ -144,9 +144,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         config = _config(args, autosave=False, seed=args.seed, replay_seed=str(args.replay_seed) if args.replay_seed else None)
         model_dir = args.model_dir
         if model_dir is None and args.state_dir is not None:  # the package that device runs (sync may manage it)
-            from .device import _model_dir_for
+            from .config import model_dir_for
 
-            model_dir = _model_dir_for(args.state_dir)
+            model_dir = model_dir_for(args.state_dir)
         device = Device(model_dir, state, config)
         tests = [evaluate.embed_folder(device, d, detect=not args.no_face_detect) for d in args.test]
         tests += [evaluate.embed_folder(device, d, detect=False) for d in args.crop_test]

@@ -1,11 +1,14 @@
-"""``DeviceConfig``: the settings of one device (no I/O); the learning defaults were
-chosen by measurement (docs/edge.md)."""
+"""``DeviceConfig``: the settings of one device (the learning defaults were chosen by measurement,
+docs/edge.md), and where a device finds its package and state folder by default."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from .annotation_queue import DEFAULT_MAX_ITEMS
 from .extractor import DEFAULT_THREADS
+from .sync.state import managed_model_dir
 from .uncertainty import DEFAULT_THRESHOLD
 
 
@@ -46,3 +49,22 @@ class DeviceConfig:
             raise ValueError("learn_steps must be >= 1 and buffer sizes >= 0")
         if not 0.0 <= self.uncertainty_threshold <= 1.0:
             raise ValueError("uncertainty_threshold must be in [0, 1]")
+
+
+def default_model_dir() -> Path:
+    """``$INFANTINO_MODEL_DIR``, else ``./data/models``, else the repository's ``data/models``."""
+    env = os.environ.get("INFANTINO_MODEL_DIR")
+    if env:
+        return Path(env)
+    here = Path("data/models")
+    return here if here.is_dir() else Path(__file__).resolve().parents[1] / "data" / "models"
+
+
+def model_dir_for(state_dir: str | os.PathLike | None) -> Path:
+    """The package ``infantino-edge sync`` installed for this state folder, else ``default_model_dir()``."""
+    return managed_model_dir(Path(state_dir if state_dir is not None else default_state_dir())) or default_model_dir()
+
+
+def default_state_dir() -> Path:
+    """``$INFANTINO_STATE_DIR``, else ``~/.infantino-edge/state``."""
+    return Path(os.environ.get("INFANTINO_STATE_DIR") or Path.home() / ".infantino-edge" / "state")

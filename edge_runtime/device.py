@@ -29,7 +29,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from .annotation_queue import AnnotationQueue, QueueError
-from .config import DeviceConfig
+from .config import DeviceConfig, default_model_dir, default_state_dir, model_dir_for
 from .consent import CropOutbox, record_consent
 from .device_state import STATE_FORMAT, apply_snapshot, learner_arrays, learner_meta, of_another_package
 from .head import OnlineHead
@@ -42,35 +42,15 @@ from .replay import HoldoutSet, ReplayBuffer
 from .samples import SampleKeeper
 from .state import StateConflict, StateStore
 from .state_lock import StateLock
-from .sync.state import managed_model_dir
 from .uncertainty import Uncertainty
 
-__all__ = ["Device", "DeviceConfig", "InputError", "LearnResult", "Prediction", "STATE_FORMAT", "default_model_dir",
+__all__ = ["Device", "DeviceConfig", "InputError", "LearnResult", "Prediction", "STATE_FORMAT", "default_model_dir", "model_dir_for",
            "default_state_dir", "load_replay_seed"]
 log = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
     """A label or embedding the device cannot learn from; one line, nothing changed."""
-
-
-def default_model_dir() -> Path:
-    """``$INFANTINO_MODEL_DIR``, else ``./data/models``, else the repository's ``data/models``."""
-    env = os.environ.get("INFANTINO_MODEL_DIR")
-    if env:
-        return Path(env)
-    here = Path("data/models")
-    return here if here.is_dir() else Path(__file__).resolve().parents[1] / "data" / "models"
-
-
-def _model_dir_for(state_dir: str | os.PathLike | None) -> Path:
-    """The package ``infantino-edge sync`` installed for this state folder, else ``default_model_dir()``."""
-    return managed_model_dir(Path(state_dir if state_dir is not None else default_state_dir())) or default_model_dir()
-
-
-def default_state_dir() -> Path:
-    """``$INFANTINO_STATE_DIR``, else ``~/.infantino-edge/state``."""
-    return Path(os.environ.get("INFANTINO_STATE_DIR") or Path.home() / ".infantino-edge" / "state")
 
 
 class Device:
@@ -97,7 +77,7 @@ class Device:
               session: Any) -> None:
         """Package, stores and the newest snapshot; writes nothing but the consent record ``config`` states."""
         self.config = config
-        self._runtime = PackageRuntime.open(model_dir if model_dir is not None else _model_dir_for(state_dir), config,
+        self._runtime = PackageRuntime.open(model_dir if model_dir is not None else model_dir_for(state_dir), config,
                                             session=session)
         self._epoch = 0  # bumped by every package switch: embeddings of another epoch are not comparable
         self.state_dir = Path(state_dir if state_dir is not None else default_state_dir())
