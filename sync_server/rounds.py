@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
+
 from infantino.edge_runtime.head import HeadParams, OnlineHead
 
 from . import store as st
-from .db import queries as q
 from .aggregate import Strategy, aggregate_deltas, label_cap, unflatten
+from .db import queries as q
 
 log = logging.getLogger("infantino.server")
 

@@ -1,7 +1,7 @@
 """What the store hands out and takes in: its errors and its records (no SQL here)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -30,8 +30,8 @@ class HeadRecord:
     sha256: str
     layers: tuple  # tuple of float32 arrays (coef_0.., intercept_0..), read-only
     flat: np.ndarray  # float32 vector, read-only
-    classes: tuple = ()  # class names, the column order of predict_proba
-    params: dict = field(default_factory=dict)  # HeadParams as a dict
+    classes: tuple  # class names, the column order of predict_proba
+    params: dict  # HeadParams as a dict (hidden_layer_sizes, ...)
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
