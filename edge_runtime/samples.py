@@ -6,7 +6,8 @@ on them, so what caregivers taught the device survives the upgrade.
 
 On disk: ``<state_dir>/samples.log``, append-only, so a save costs the same on day 1 and day
 100 (the crops kept since the last save, one ``write`` and one ``fsync``), however many crops
-are kept. After a 20-byte magic line, each record is ``<u32 length><u32 crc32><payload>``;
+are kept. After a 20-byte magic line and an 8-byte random id of this file (new at each
+rewrite, so a reader can tell a rewritten log from the one it read), each record is ``<u32 length><u32 crc32><payload>``;
 the payload is ``<u8 kind><u16 label><i16 slot><u16 h><u16 w>`` then the data:
 
 * ``OFFERED``: a crop offered to class ``label``'s reservoir (the class's ``seen`` count grows),
@@ -35,6 +36,7 @@ from .state_lock import StateLock
 MAGIC = b"INFANTINO-SAMPLES/1\n"
 LOG_NAME, LEGACY_NAME = "samples.log", "samples.npz"
 OFFERED, KEPT, SEEN = 1, 2, 3
+ID_BYTES = 8
 _FRAME = struct.Struct("<II")  # payload length, crc32
 _HEAD = struct.Struct("<BHhHH")  # kind, label, slot, h, w
 COMPACT_AFTER = 4  # rewrite once the log holds this many times the reservoir's slots (at least 64) in records
@@ -60,7 +62,7 @@ class SampleKeeper:
         self.per_class = per_class
         self.n_classes = n_classes
         self.rng = np.random.default_rng(seed)
-        self._file: tuple[int, int] | None = None  # (device, inode) of the log read
+        self._file: bytes | None = None  # the id of the log read
         self.reload()
 
     # ---------------------------------------------------------------- read
@@ -77,28 +79,34 @@ class SampleKeeper:
         """Read the kept crops again (another process may have saved since; the device calls this under
         the state folder's writer lock, with the snapshot). Only the new records when the log is the
         one read before and nothing is waiting to be saved."""
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            st = None
-        if st is not None and self._file == (st.st_dev, st.st_ino) and st.st_size >= self._end and not self._pending:
+        head = self._header()
+        if head is not None and head[0] == self._file and head[1] >= self._end and not self._pending:
             self._read_from(self._end)
             return
         self._reset()
-        if st is not None:
-            self._read_log(st)
+        if head is not None:
+            self._read_log(head[0])
         elif self.legacy_path.exists():
             self._load_legacy()
             self._rewrite = True
 
-    def _read_log(self, st: os.stat_result) -> None:
-        with open(self.path, "rb") as fh:
-            magic = fh.read(len(MAGIC))
-        self._file = (st.st_dev, st.st_ino)
-        if magic != MAGIC:
-            self._rewrite = True  # not ours or torn before its first record: start over
+    def _header(self) -> tuple[bytes | None, int] | None:
+        """(the log's id, None when it is not a samples log; its size), or None when there is no log."""
+        try:
+            with open(self.path, "rb") as fh:
+                head = fh.read(len(MAGIC) + ID_BYTES)
+                size = os.fstat(fh.fileno()).st_size
+        except FileNotFoundError:
+            return None
+        ok = len(head) == len(MAGIC) + ID_BYTES and head.startswith(MAGIC)
+        return (head[len(MAGIC):] if ok else None), size
+
+    def _read_log(self, file_id: bytes | None) -> None:
+        self._file = file_id
+        if file_id is None:
+            self._rewrite = True  # not a samples log: start over
             return
-        self._end = len(MAGIC)
+        self._end = len(MAGIC) + ID_BYTES
         self._read_from(self._end)
 
     def _read_from(self, offset: int) -> int:
@@ -205,11 +213,8 @@ class SampleKeeper:
 
     def _replaced(self) -> bool:
         """Another writer rewrote (compacted) the log since this object read it."""
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        return self._file != (st.st_dev, st.st_ino) or st.st_size < self._end
+        head = self._header()
+        return head is not None and (head[0] != self._file or head[1] < self._end)
 
     def _redo_pending(self) -> None:
         """Read the rewritten log, then offer the crops added here again (their slots were chosen on the old one)."""
@@ -243,11 +248,11 @@ class SampleKeeper:
         """The kept crops as a fresh log (atomic): the ``seen`` counts, then each crop in its slot."""
         records = [_record(SEEN, self.n_classes, -1, self.seen.astype("<i8"))]
         records += [_record(KEPT, c, slot, crop) for c, kept in enumerate(self.crops) for slot, crop in enumerate(kept)]
-        data = MAGIC + b"".join(records)
+        file_id = os.urandom(ID_BYTES)
+        data = MAGIC + file_id + b"".join(records)
         atomic_write_bytes(self.path, data)
         if self.legacy_path.exists():
             self.legacy_path.unlink(missing_ok=True)
             _fsync_dir(self.folder)
-        st = os.stat(self.path)
-        self._file, self._end, self._records = (st.st_dev, st.st_ino), len(data), len(records)
+        self._file, self._end, self._records = file_id, len(data), len(records)
         self._pending, self._rewrite, self._skip = [], False, False
