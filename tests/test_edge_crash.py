@@ -137,3 +137,48 @@ def test_kill_9_never_leaves_a_crop_queued_whose_label_the_state_lost(tiny_packa
         numbers = _frame_numbers(state)
         assert numbers and max(numbers) < labels, (round_, numbers[-3:], labels)
         assert len(numbers) == len(set(numbers))
+
+
+KEEPING_LEARNER = CONSENTING_LEARNER.replace("share_crops=True", "replay_per_class=4")
+
+
+def _kept_numbers(device) -> list[int]:
+    crops, _ = device.kept_samples()
+    return [int(np.frombuffer(np.ascontiguousarray(c[0, :4]).tobytes(), np.uint32)[0]) for c in crops]
+
+
+def test_kill_9_while_kept_crops_are_appended_never_breaks_the_samples_log(tiny_package_dir, tmp_path):
+    # Prepare: numbered frames learned (each save appends its crop to samples.log), reservoirs of 4 per class
+    state = tmp_path / "state"
+    script = tmp_path / "learner.py"
+    script.write_text(KEEPING_LEARNER.format(tests=str(TESTS), package=str(tiny_package_dir), state=str(state)))
+    rng = np.random.default_rng(2)
+    for round_ in range(8):
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            for _ in range(int(rng.integers(2, 10))):
+                assert proc.stdout.readline(), f"learner died: {proc.stderr.read()[-2000:]}"
+            # Execute: kill anywhere in the next learn, snapshot or append
+            time.sleep(float(rng.uniform(0, 0.02)))
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+            proc.stdout.close()
+            proc.stderr.close()
+        # Assert: the log reads back, holds only crops of labels the state has, each once, at most 4 per class
+        device = open_device(tiny_package_dir, state, replay_per_class=4)
+        numbers = _kept_numbers(device)
+        labels = device.counters["labels"]
+        assert numbers and max(numbers) < labels and len(numbers) == len(set(numbers)), (round_, numbers, labels)
+        assert np.bincount(device.kept_samples()[1], minlength=7).max() <= 4
+        assert int(device.samples.seen.sum()) <= labels
+    # and the next save appends after whatever tail the last kill left
+    frame = np.array(device.kept_samples()[0][0])
+    frame[0, :4] = np.frombuffer(np.uint32(labels).tobytes(), np.uint8)
+    seen = int(device.samples.seen.sum())
+    result = device.learn(frame, 0)
+    assert result.updated or result.held_out
+    reopened = open_device(tiny_package_dir, state, replay_per_class=4)
+    assert int(reopened.samples.seen.sum()) == seen + 1 and sorted(_kept_numbers(reopened)) == sorted(_kept_numbers(device))
