@@ -34,11 +34,10 @@ from .consent import CropOutbox, record_consent
 from .device_state import STATE_FORMAT, apply_snapshot, learner_arrays, learner_meta, of_another_package
 from .head import OnlineHead
 from .learner import GuardedLearner, LearnResult
-from .package import ModelPackage
 from .package_runtime import PackageRuntime, embed_crops, load_replay_seed
 from .prediction import Cached, Learnable, Prediction, frame_key, source_name
 from .preprocess import ImageError, ImageSource, Prepared, face_tensor, has_contrast, require_contrast
-from .replay import HoldoutSet, ReplayBuffer
+from .replay import ReplayBuffer
 from .samples import SampleKeeper
 from .state import StateConflict, StateStore
 from .state_lock import StateLock
@@ -119,20 +118,22 @@ class Device:
                 else:
                     self._learn_queued(item.id, str(item.label))
 
-    # ---------------------------------------------------------------- what the package and the learner hold
-    package: ModelPackage = property(lambda self: self._runtime.package)  # type: ignore[assignment]
-    classes: tuple[str, ...] = property(lambda self: self._runtime.classes)  # type: ignore[assignment]
-    dim: int = property(lambda self: self._runtime.dim)  # type: ignore[assignment]
+    # ---------------------------------------------------------------- what the package and the learner hold (read-only)
+    # package (ModelPackage), classes, dim, spec, finder, extractor, extractor_role: the PackageRuntime's;
+    # head (OnlineHead), replay (ReplayBuffer), holdout (HoldoutSet), counters, anchor_*: the GuardedLearner's
+    package = property(lambda self: self._runtime.package)
+    classes = property(lambda self: self._runtime.classes)
+    dim = property(lambda self: self._runtime.dim)
     spec = property(lambda self: self._runtime.spec)
     finder = property(lambda self: self._runtime.finder)
     extractor = property(lambda self: self._runtime.extractor)
-    extractor_role: str = property(lambda self: self._runtime.extractor_role)  # type: ignore[assignment]
-    head: OnlineHead = property(lambda self: self.learner.head)  # type: ignore[assignment]
-    replay: ReplayBuffer = property(lambda self: self.learner.replay)  # type: ignore[assignment]
-    holdout: HoldoutSet = property(lambda self: self.learner.holdout)  # type: ignore[assignment]
-    counters: dict[str, int] = property(lambda self: self.learner.counters)  # type: ignore[assignment]
+    extractor_role = property(lambda self: self._runtime.extractor_role)
+    head = property(lambda self: self.learner.head)
+    replay = property(lambda self: self.learner.replay)
+    holdout = property(lambda self: self.learner.holdout)
+    counters = property(lambda self: self.learner.counters)
     anchor_weights = property(lambda self: self.learner.anchor_weights)
-    anchor_strength: float = property(lambda self: self.learner.anchor_strength)  # type: ignore[assignment]
+    anchor_strength = property(lambda self: self.learner.anchor_strength)
 
     @property
     def config(self) -> DeviceConfig:
