@@ -72,7 +72,7 @@ def test_an_opted_in_device_uploads_its_labelled_crops_once(server, tmp_path, ti
     assert server_cli.main(["crops", "export", str(out), "--device", "sharer", "--data-dir", str(server.data),
                             "--mlflow-uri", "off"]) == 0
     assert sorted(p.parent.name for p in out.rglob("*.png")) == sorted(CLASSES)
-    kept, labels = dev.keeper.all()
+    kept, labels = dev.device.kept_samples()
     faces = load_image_folder(out)
     expected = sorted((int(y), c.tobytes()) for c, y in zip(kept, labels))
     assert sorted((int(y), p.tobytes()) for p, y in zip(faces.pixels, faces.labels)) == expected

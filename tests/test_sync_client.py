@@ -139,7 +139,7 @@ def test_a_new_extractor_is_installed_and_kept_samples_are_reembedded(tmp_path, 
         sync_device(dev, srv.url, token)
         labels = np.repeat(np.arange(7), 3)
         teach(dev, labels, seed=3)
-        assert len(dev.keeper) == 21
+        assert len(dev.device.kept_samples()[1]) == 21
         new_pkg = build_tiny_package(tmp_path / "pkg2", version="tiny-2", seed=7)
         promote_package(srv.store, srv.data, new_pkg)
         original = dev.device
@@ -155,7 +155,7 @@ def test_a_new_extractor_is_installed_and_kept_samples_are_reembedded(tmp_path, 
         from infantino.edge_runtime.extractor import Extractor
         from infantino.edge_runtime.preprocess import faces_tensor
 
-        crops, kept = dev.keeper.all()
+        crops, kept = dev.device.kept_samples()
         expected = Extractor(new_pkg / "extractor.onnx")(faces_tensor(crops))
         x, y = device.replay.all()
         assert len(y) == 21

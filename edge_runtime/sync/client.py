@@ -327,11 +327,6 @@ class DeviceLearner:
     def __init__(self, device):
         self.device = device
 
-    @property
-    def keeper(self):
-        """The device's kept face crops (``Device.samples``)."""
-        return self.device.samples
-
     def learn(self, item, label, **kwargs):
         return self.device.learn(item, label, **kwargs)
 

@@ -12,7 +12,7 @@ One frame loop owns the ``Device``; everything slow or unreliable happens beside
 ``jsonl``     crash-tolerant append-only JSON-lines files
 ``timeline``  frame lines and minute summaries, one file per day, pruned after ``--keep-days``
 ``events``    ``events.jsonl`` and the ``--on-alert`` hook, run off the frame loop
-``sync_worker`` periodic push/pull in a thread; hands a newly installed ``Device`` to the loop
+``sync_worker`` periodic push/pull in a thread; a new package switches the loop's ``Device`` in place
 ``status``    the human status line and the ``--json`` one
 ``live``      what the annotation page reads back (no Flask here)
 ``loop``      ``Watch``: the frame loop, signals, shutdown
