@@ -9,7 +9,7 @@ over each other and a label is lost. ``StateLock`` serialises them:
   process dies, so a killed writer never leaves the folder locked);
 * across threads with an ``RLock``; the lock is re-entrant, and every object of one process
   naming the same folder shares one ``StateLock`` (``StateLock.of``), so a change that
-  saves, or a sync that installs a new ``Device`` inside its change, never deadlocks.
+  saves, or a sync that switches the device to a new package inside its change, never deadlocks.
 
 The writer's half of the protocol (``Device.change``): take the lock, reload when the
 folder's newest generation is newer than the one this object last loaded or wrote, apply
