@@ -37,6 +37,17 @@ def store_url_for(backend: str, folder: Path) -> Iterator[str]:
             yield url
 
 
+def served_store(url: str, data_dir: Path, package: Path):
+    """A store at ``url`` (schema created or upgraded) serving ``package``; the caller disposes it."""
+    from infantino.sync_server import store as st
+    from infantino.sync_server.models import promote_package
+
+    store = st.Store(url)
+    store.create_all()
+    promote_package(store, data_dir, package)
+    return store
+
+
 def make_update(info: dict, layers, device: str, *, shift: float = 0.01, key: Optional[str] = None, n_samples: int = 5,
                 metrics: Optional[dict] = None, kind: str = "weights", base_head_version: Optional[int] = None,
                 base_package_version: Optional[str] = None) -> bytes:

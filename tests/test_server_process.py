@@ -10,9 +10,8 @@ import pytest
 
 from infantino.edge_runtime.head import OnlineHead
 from infantino.edge_runtime.sync.transport import Http
-from server_helpers import BACKENDS, ServerProcess, cli, make_update, store_url_for
+from server_helpers import BACKENDS, ServerProcess, cli, make_update, served_store, store_url_for
 from infantino.sync_server import store as st
-from infantino.sync_server.models import promote_package
 
 
 def _get_model(http: Http):
@@ -25,9 +24,7 @@ def _get_model(http: Http):
 def test_devices_push_concurrently_through_two_workers(backend, tmp_path, tiny_package_dir):
     with store_url_for(backend, tmp_path) as url:
         data = tmp_path / "data"
-        store = st.Store(url)
-        store.create_all()
-        promote_package(store, data, tiny_package_dir)
+        store = served_store(url, data, tiny_package_dir)
         tokens = {f"cam{i}": store.add_client(f"cam{i}") for i in range(6)}
         admin = store.rotate_admin()
         with ServerProcess(data, db_url=url, aggregate_k=7) as server:
@@ -89,9 +86,7 @@ def test_server_killed_mid_aggregation_restarts_with_nothing_lost_or_doubled(tmp
     data = tmp_path / "data"
     data.mkdir()
     url = f"sqlite:///{data / 'server.db'}"
-    store = st.Store(url)
-    store.create_all()
-    promote_package(store, data, tiny_package_dir)
+    store = served_store(url, data, tiny_package_dir)
     tokens = {f"cam-k{i}": store.add_client(f"cam-k{i}") for i in range(4)}
     token = tokens["cam-k0"]
     server = ServerProcess(data, aggregate_k=4, env={"INFANTINO_FAULT_AGGREGATE_PAUSE_S": "60"}).start()
@@ -137,9 +132,7 @@ def test_hostile_updates_over_http_get_one_line_refusals(tmp_path, tiny_package_
 
     data = tmp_path / "data"
     data.mkdir()
-    store = st.Store(f"sqlite:///{data / 'server.db'}")
-    store.create_all()
-    promote_package(store, data, tiny_package_dir)
+    store = served_store(f"sqlite:///{data / 'server.db'}", data, tiny_package_dir)
     token = store.add_client("cam-h")
     store.add_client("cam-other")  # exists, so its update is refused for identity, not as unknown
     with ServerProcess(data) as server:

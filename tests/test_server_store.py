@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from infantino.edge_runtime.head import OnlineHead
-from server_helpers import BACKENDS, REPO, store_url_for
+from server_helpers import BACKENDS, REPO, served_store, store_url_for
 from infantino.sync_server import store as st
 from infantino.sync_server.aggregate import Strategy
 from infantino.sync_server.models import PromoteError, promote_package
@@ -28,9 +28,7 @@ NO_CAP = RoundPolicy(label_burst=1e9, clip_cap_factor=0.0)  # no label cap, no c
 def served(request, tmp_path, tiny_package_dir):
     """(store, data_dir, url) with the tiny package promoted; closed afterwards."""
     with store_url_for(request.param, tmp_path) as url:
-        store = st.Store(url)
-        store.create_all()
-        promote_package(store, tmp_path, tiny_package_dir)
+        store = served_store(url, tmp_path, tiny_package_dir)
         yield store, tmp_path, url
         store.dispose()
 
