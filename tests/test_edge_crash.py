@@ -109,6 +109,26 @@ def _kill_when_the_outbox_changes(proc: subprocess.Popen, outbox) -> None:
     proc.send_signal(signal.SIGKILL)
 
 
+def _learn_then_kill(script, lines: int, rng: np.random.Generator, kill=None) -> None:
+    """Run a learner script until it reported ``lines`` saves, then SIGKILL it: by ``kill(proc)``, or
+    after a random pause of up to 20 ms (anywhere in the next learn and save)."""
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for _ in range(lines):
+            assert proc.stdout.readline(), f"learner died: {proc.stderr.read()[-2000:]}"
+        if kill is not None:
+            kill(proc)
+        else:
+            time.sleep(float(rng.uniform(0, 0.02)))
+            proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def test_kill_9_never_leaves_a_crop_queued_whose_label_the_state_lost(tiny_package_dir, tmp_path):
     # Prepare: a device with consent that learns numbered frames
     state = tmp_path / "state"
@@ -116,22 +136,9 @@ def test_kill_9_never_leaves_a_crop_queued_whose_label_the_state_lost(tiny_packa
     script.write_text(CONSENTING_LEARNER.format(tests=str(TESTS), package=str(tiny_package_dir), state=str(state)))
     rng = np.random.default_rng(1)
     for round_ in range(8):
-        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        try:
-            for _ in range(int(rng.integers(1, 4))):
-                assert proc.stdout.readline(), f"learner died: {proc.stderr.read()[-2000:]}"
-            # Execute: kill right as a crop is queued (odd rounds), or anywhere in a learn (even rounds)
-            if round_ % 2:
-                _kill_when_the_outbox_changes(proc, state / "consent_outbox.npz")
-            else:
-                time.sleep(float(rng.uniform(0, 0.02)))
-                proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait(timeout=30)
-            proc.stdout.close()
-            proc.stderr.close()
+        # Execute: kill right as a crop is queued (odd rounds), or anywhere in a learn (even rounds)
+        kill = (lambda proc: _kill_when_the_outbox_changes(proc, state / "consent_outbox.npz")) if round_ % 2 else None
+        _learn_then_kill(script, int(rng.integers(1, 4)), rng, kill)
         # Assert: every queued crop belongs to a label the state holds, each at most once
         labels = open_device(tiny_package_dir, state).counters["labels"]
         numbers = _frame_numbers(state)
@@ -154,19 +161,7 @@ def test_kill_9_while_kept_crops_are_appended_never_breaks_the_samples_log(tiny_
     script.write_text(KEEPING_LEARNER.format(tests=str(TESTS), package=str(tiny_package_dir), state=str(state)))
     rng = np.random.default_rng(2)
     for round_ in range(8):
-        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        try:
-            for _ in range(int(rng.integers(2, 10))):
-                assert proc.stdout.readline(), f"learner died: {proc.stderr.read()[-2000:]}"
-            # Execute: kill anywhere in the next learn, snapshot or append
-            time.sleep(float(rng.uniform(0, 0.02)))
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait(timeout=30)
-            proc.stdout.close()
-            proc.stderr.close()
+        _learn_then_kill(script, int(rng.integers(2, 10)), rng)  # Execute: kill anywhere in a learn, snapshot or append
         # Assert: the log reads back, holds only crops of labels the state has, each once, at most 4 per class
         device = open_device(tiny_package_dir, state, replay_per_class=4)
         numbers = _kept_numbers(device)
