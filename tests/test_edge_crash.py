@@ -93,7 +93,19 @@ def _frame_numbers(state) -> list[int]:
     from infantino.edge_runtime.consent import CropOutbox
 
     crops, _, _ = CropOutbox(state).batch(10_000)
+    return _numbers(crops)
+
+
+def _numbers(crops) -> list[int]:
+    """The frame numbers written into the first four pixels of numbered frames."""
     return [int(np.frombuffer(np.ascontiguousarray(c[0, :4]).tobytes(), np.uint32)[0]) for c in crops]
+
+
+def _numbered_learner(tmp_path, template: str, package) -> tuple:
+    """(state folder, script) of a learner of numbered frames from ``template``."""
+    state, script = tmp_path / "state", tmp_path / "learner.py"
+    script.write_text(template.format(tests=str(TESTS), package=str(package), state=str(state)))
+    return state, script
 
 
 def _kill_when_the_outbox_changes(proc: subprocess.Popen, outbox) -> None:
@@ -131,9 +143,7 @@ def _learn_then_kill(script, lines: int, rng: np.random.Generator, kill=None) ->
 
 def test_kill_9_never_leaves_a_crop_queued_whose_label_the_state_lost(tiny_package_dir, tmp_path):
     # Prepare: a device with consent that learns numbered frames
-    state = tmp_path / "state"
-    script = tmp_path / "learner.py"
-    script.write_text(CONSENTING_LEARNER.format(tests=str(TESTS), package=str(tiny_package_dir), state=str(state)))
+    state, script = _numbered_learner(tmp_path, CONSENTING_LEARNER, tiny_package_dir)
     rng = np.random.default_rng(1)
     for round_ in range(8):
         # Execute: kill right as a crop is queued (odd rounds), or anywhere in a learn (even rounds)
@@ -150,15 +160,12 @@ KEEPING_LEARNER = CONSENTING_LEARNER.replace("share_crops=True", "replay_per_cla
 
 
 def _kept_numbers(device) -> list[int]:
-    crops, _ = device.kept_samples()
-    return [int(np.frombuffer(np.ascontiguousarray(c[0, :4]).tobytes(), np.uint32)[0]) for c in crops]
+    return _numbers(device.kept_samples()[0])
 
 
 def test_kill_9_while_kept_crops_are_appended_never_breaks_the_samples_log(tiny_package_dir, tmp_path):
     # Prepare: numbered frames learned (each save appends its crop to samples.log), reservoirs of 4 per class
-    state = tmp_path / "state"
-    script = tmp_path / "learner.py"
-    script.write_text(KEEPING_LEARNER.format(tests=str(TESTS), package=str(tiny_package_dir), state=str(state)))
+    state, script = _numbered_learner(tmp_path, KEEPING_LEARNER, tiny_package_dir)
     rng = np.random.default_rng(2)
     for round_ in range(8):
         _learn_then_kill(script, int(rng.integers(2, 10)), rng)  # Execute: kill anywhere in a learn, snapshot or append
