@@ -45,22 +45,9 @@ def test_kill_9_during_learn_and_save_never_breaks_the_state(tiny_package_dir, t
     rng = np.random.default_rng(0)
     last_generation, last_labels = 0, 0
     for round_ in range(10):
-        proc = subprocess.Popen([sys.executable, str(script), str(round_)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        try:
-            want = int(rng.integers(2, 12))
-            reported = None
-            for _ in range(want):
-                line = proc.stdout.readline()
-                assert line, f"learner died: {proc.stderr.read()[-2000:]}"
-                reported = tuple(int(v) for v in line.split())
-            time.sleep(float(rng.uniform(0, 0.01)))  # land anywhere in the next learn + save
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait(timeout=30)
-            proc.stdout.close()
-            proc.stderr.close()
+        # land anywhere in the next learn + save
+        line = _learn_then_kill(script, int(rng.integers(2, 12)), rng, args=(str(round_),), max_pause_s=0.01)
+        reported = tuple(int(v) for v in line.split())
         generation, labels = _check_state(tiny_package_dir, state)
         # Nothing that was reported saved is lost, and learning continues from where it was.
         assert generation >= reported[0] > last_generation
@@ -121,19 +108,22 @@ def _kill_when_the_outbox_changes(proc: subprocess.Popen, outbox) -> None:
     proc.send_signal(signal.SIGKILL)
 
 
-def _learn_then_kill(script, lines: int, rng: np.random.Generator, kill=None) -> None:
+def _learn_then_kill(script, lines: int, rng: np.random.Generator, kill=None, *, args: tuple = (),
+                     max_pause_s: float = 0.02) -> str:
     """Run a learner script until it reported ``lines`` saves, then SIGKILL it: by ``kill(proc)``, or
-    after a random pause of up to 20 ms (anywhere in the next learn and save)."""
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    after a random pause of up to ``max_pause_s`` (anywhere in the next learn and save). Its last line."""
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         for _ in range(lines):
-            assert proc.stdout.readline(), f"learner died: {proc.stderr.read()[-2000:]}"
+            line = proc.stdout.readline()
+            assert line, f"learner died: {proc.stderr.read()[-2000:]}"
         if kill is not None:
             kill(proc)
         else:
-            time.sleep(float(rng.uniform(0, 0.02)))
+            time.sleep(float(rng.uniform(0, max_pause_s)))
             proc.send_signal(signal.SIGKILL)
+        return line
     finally:
         proc.kill()
         proc.wait(timeout=30)
