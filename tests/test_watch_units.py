@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from infantino.edge_runtime.watch.backoff import Backoff, jittered
+from infantino.edge_runtime.backoff import Backoff, jittered
 from infantino.edge_runtime.watch.distress import END, START, DistressMonitor, DistressSettings
 from infantino.edge_runtime.watch.events import AlertHook, EventLog
 from infantino.edge_runtime.watch.jsonl import AppendLog, read_records
@@ -83,7 +83,7 @@ def test_backoff_doubles_to_its_cap_with_jitter_and_resets():
     assert all(c / 2 <= d <= c for d, c in zip(delays, caps)), delays
     b.reset()
     assert b.next_delay() <= 1.0
-    spread = [jittered(900, 0.1, random.Random(i)) for i in range(50)]
+    spread = [jittered(900, random.Random(i), spread=(0.9, 1.1)) for i in range(50)]
     assert 810 <= min(spread) < max(spread) <= 990
     with pytest.raises(ValueError, match="base_s <= max_s"):
         Backoff(base_s=5, max_s=1)
