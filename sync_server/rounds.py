@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from infantino.edge_runtime.head import HeadParams, OnlineHead
+from infantino.edge_runtime.head import OnlineHead
 
 from . import store as st
 from .aggregate import Strategy, aggregate_deltas, label_cap, unflatten
@@ -120,7 +120,7 @@ def head_from_flat(base: st.HeadRecord, flat: np.ndarray, version: Optional[int]
     """A head with ``base``'s shapes, classes and parameters and the weights ``flat``."""
     layers = unflatten(np.asarray(flat, np.float32), base.shapes)
     n_layers = len(layers) // 2
-    return OnlineHead.from_arrays(layers[:n_layers], layers[n_layers:], base.classes, HeadParams.from_dict(base.params),
+    return OnlineHead.from_arrays(layers[:n_layers], layers[n_layers:], base.classes, base.params,
                                   version=base.version if version is None else version)
 
 

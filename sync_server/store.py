@@ -34,7 +34,8 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from .headblob import read_head
+from infantino.edge_runtime.head import OnlineHead
+
 from .db import bookkeeping as bk
 from .db import migrate
 from .db import queries as q
@@ -56,14 +57,15 @@ def sqlite_url(path: str | os.PathLike) -> str:
 
 
 def _head_record(row) -> HeadRecord:
-    """A head row as a record with read-only arrays (the one head reader: ``headblob``)."""
-    arrays = read_head(bytes(row.blob))
-    flat = np.concatenate([a.ravel() for a in arrays.layers]).astype(np.float32)
-    for a in arrays.layers:
+    """A head row as a record with read-only float32 arrays, read by the one head reader
+    (``OnlineHead.from_bytes``: numpy only, no sklearn object)."""
+    head = OnlineHead.from_bytes(bytes(row.blob))
+    layers = tuple(np.asarray(a, np.float32) for a in head.weights())
+    flat = np.concatenate([a.ravel() for a in layers]).astype(np.float32)
+    for a in layers:
         a.setflags(write=False)
     flat.setflags(write=False)
-    return HeadRecord(row.version, row.package_version, bytes(row.blob), row.sha256, arrays.layers, flat,
-                      arrays.classes, arrays.params)
+    return HeadRecord(row.version, row.package_version, bytes(row.blob), row.sha256, layers, flat, head.classes, head.params)
 
 
 class Store:
