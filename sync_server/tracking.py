@@ -279,17 +279,17 @@ class MlflowRecorder:
             client.log_batch(rid, metrics=[Metric(k, v, ts, 0) for k, v in metrics.items()],
                              params=[Param(k, str(v)) for k, v in params.items()], tags=_gate_tags(info, served))
             client.set_tag(rid, "devices", ",".join(devices)[:4900])
+        summary = {**agg, "info": info, "devices": devices, "strategy": strategy, "update_ids": json.loads(agg["update_ids"])}
+        summary_json = json.dumps(summary, indent=1).encode()
         if not served:  # the head gate refused the candidate: nothing new to register, the alias stays
             if not client.list_artifacts(rid, "aggregation"):
-                summary = {**agg, "info": info, "devices": devices, "strategy": strategy, "update_ids": json.loads(agg["update_ids"])}
-                self._log_blob(rid, "aggregation", "aggregation.json", json.dumps(summary, indent=1).encode())
+                self._log_blob(rid, "aggregation", "aggregation.json", summary_json)
             client.set_terminated(rid, end_time=int(time.time() * 1000))
             return
         if not client.list_artifacts(rid, "head"):
             blob = self.store.head(agg["new_head_version"]).blob
             self._log_blob(rid, "head", f"global-head-{agg['new_head_version']}.npz", blob)
-            summary = {**agg, "info": info, "devices": devices, "strategy": strategy, "update_ids": json.loads(agg["update_ids"])}
-            self._log_blob(rid, "aggregation", "aggregation.json", json.dumps(summary, indent=1).encode())
+            self._log_blob(rid, "aggregation", "aggregation.json", summary_json)
         hv = self._head_version_for(run, agg["new_head_version"], agg["package_version"], source="aggregation")
         self.store.set_mlflow_version("heads", agg["new_head_version"], hv)
         client.set_terminated(rid, end_time=int(time.time() * 1000))
