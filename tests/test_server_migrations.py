@@ -144,3 +144,34 @@ def test_a_built_wheel_ships_the_migrations(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     migrations = "infantino/sync_server/db/migrations/"
     assert {migrations + "env.py", migrations + "script.py.mako", migrations + "versions/0001_baseline.py"} <= names
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_processes_starting_together_on_a_fresh_store_all_come_up(backend, tmp_path):
+    import threading
+
+    # Prepare: four engines = four gunicorn workers starting at once on an empty database
+    with store_url_for(backend, tmp_path) as url:
+        stores = [st.Store(url) for _ in range(4)]
+        results, errors = [], []
+        start = threading.Barrier(len(stores))
+
+        def boot(store):
+            start.wait()
+            try:
+                results.append(store.create_all())
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(repr(exc))
+
+        # Execute
+        threads = [threading.Thread(target=boot, args=(s,)) for s in stores]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        # Assert: every one at the newest revision, the schema made once
+        assert errors == [] and results == [migrate.head_revision()] * len(stores)
+        with stores[0].engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
+        for s in stores:
+            s.dispose()
