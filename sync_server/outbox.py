@@ -33,6 +33,7 @@ class WorkerSettings:
     max_backoff_s: float = 120.0  # the longest wait after failures
     max_items: int = 100  # rows per pass
     lease_s: float = 300.0
+    what: str = "MLflow logging"  # what recording is called in the log lines
 
 
 def one_line(exc: BaseException) -> str:
@@ -124,7 +125,8 @@ class OutboxWorker:
                     self.record(item)
                 except Exception as exc:  # noqa: BLE001 - a recorder's errors are many and varied
                     self.last_error = one_line(exc)
-                    log.warning("MLflow logging of %s %s failed (will retry): %s", item["kind"], item["ref"], self.last_error)
+                    log.warning("%s of %s %s failed (will retry): %s", self.settings.what, item["kind"], item["ref"],
+                                self.last_error)
                     self.store.outbox_failed(item["id"], self.last_error)
                     return {"logged": logged, "error": self.last_error, "pending": len(pending) - logged}
                 self.store.outbox_done(item["id"])
