@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,6 +62,22 @@ def tiny_package_dir(tmp_path_factory) -> Path:
     from infantino.export.tiny_package import build_tiny_package
 
     return build_tiny_package(tmp_path_factory.mktemp("pkg") / "model")
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory) -> Path:
+    """The project built as a user's ``pip install .`` builds it (non-editable), from a copy of
+    the sources, so that what the wheel holds is what pyproject.toml says, not the checkout."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    for name in ("edge_runtime", "export", "sync_server", "fleet_demo"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "instance"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(REPO / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp / "dist")], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp / "dist").glob("*.whl")
+    return wheel
 
 
 @pytest.fixture

@@ -124,23 +124,11 @@ def test_a_store_from_a_release_with_fewer_tables_is_completed(tmp_path, tiny_pa
     store.dispose()
 
 
-def test_a_built_wheel_ships_the_migrations(tmp_path):
+def test_a_built_wheel_ships_the_migrations(built_wheel):
     """A non-editable install carries the migration scripts (package data), not only the checkout."""
-    import shutil
-    import subprocess
-    import sys
     import zipfile
 
-    from server_helpers import REPO
-
-    src = tmp_path / "src"
-    for name in ("edge_runtime", "export", "sync_server", "fleet_demo"):
-        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "instance"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copyfile(REPO / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True, timeout=300)
-    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    wheel = built_wheel
     names = set(zipfile.ZipFile(wheel).namelist())
     migrations = "infantino/sync_server/db/migrations/"
     assert {migrations + "env.py", migrations + "script.py.mako", migrations + "versions/0001_baseline.py"} <= names
