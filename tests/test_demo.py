@@ -32,7 +32,7 @@ def test_pick_takes_the_most_uncertain_first_or_a_seeded_random_set():
     r = pick(u, 3, "random", np.random.default_rng(0))
     assert len(set(r.tolist())) == 3 and r.tolist() == pick(u, 3, "random", np.random.default_rng(0)).tolist()
     assert len(pick(u, 10, "uncertainty", np.random.default_rng(0))) == 5
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="strategy must be one of"):
         pick(u, 1, "loudest", np.random.default_rng(0))
 
 
@@ -59,7 +59,7 @@ def test_quick_demo_runs_rounds_logs_to_mlflow_publishes_a_refresh_and_cleans_up
     assert confusion.shape == (len(CLASSES), len(CLASSES)) and confusion.sum() == summary["settings"]["n_test"]
     assert not psutil.Process().children(recursive=True)  # the server and its workers are gone
     (log,) = (out / "uncertainty" / "server").glob("server-*.log")
-    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", int(log.stem.split("-")[1])), timeout=2):
+    with pytest.raises(ConnectionRefusedError, match="refused"), socket.create_connection(("127.0.0.1", int(log.stem.split("-")[1])), timeout=2):
         pass  # and nothing listens on its port any more
     store = st.Store(st.sqlite_url(out / "uncertainty" / "server" / "server.db"))
     assert sum(c["n"] for c in counts(store)) == 12  # the cameras opted in: every labelled crop reached the server
