@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> dict:
             add("peer: fer 25.10 (mini-Xception, its Haar crop)", k, photos.labels[folds == k], peer_probs[folds == k])
     report()
     if args.finetune:
-        done = {r["fold"] for r in rows.get(f"{args.choose} + fine-tuned extractor | head fit FER+infant", [])}
+        done = {r["fold"] for r in rows.get(f"{args.choose} + {finetuned(args)} | head fit FER+infant", [])}
         for k in args.finetune_folds or range(args.folds):
             if k not in done:
                 finetune_fold(args, k, photos, folds, crops[args.choose], variants[args.choose], fer_pix, fer_y, work, add)
@@ -210,6 +210,11 @@ def cached_crops(work: Path, photos: Photos, variants: dict, peer) -> tuple[dict
     work.mkdir(parents=True, exist_ok=True)
     np.savez(path, peer=peer_probs, **{f"crops_{n}": c for n, c in crops.items()}, **{f"found_{n}": f for n, f in found.items()})
     return crops, found, peer_probs
+
+
+def finetuned(args) -> str:
+    """The fine-tuned rows' name; a recipe other than the release's says how it differs."""
+    return "fine-tuned extractor" + ("" if args.ft_label_smoothing == 0.1 else f" (label smoothing {args.ft_label_smoothing:g})")
 
 
 def finetune_fold(args, k: int, photos: Photos, folds: np.ndarray, crops: np.ndarray, variant, fer_pix, fer_y, work: Path,
@@ -233,14 +238,15 @@ def finetune_fold(args, k: int, photos: Photos, folds: np.ndarray, crops: np.nda
     train(TrainConfig(fer=str(Path(args.data) / "fer2013" / "fer2013_train.npz"), out=str(fold_dir / "run"),
                       images=[str(fold_dir / "crops")], images_repeat=args.ft_repeat, init_from=args.package,
                       epochs=args.ft_epochs, lr=args.ft_lr, max_steps_per_epoch=args.ft_steps, limit=args.fer_limit,
-                      detector=str(det), preprocess=overrides, seed=args.seed, threads=args.threads))
+                      detector=str(det), preprocess=overrides, seed=args.seed, threads=args.threads,
+                      label_smoothing=args.ft_label_smoothing))
     pkg = fold_dir / "package"
     build_package(BuildOptions(checkpoint=str(fold_dir / "run" / "checkpoint.pt"), out=str(pkg),
                                fer=str(Path(args.data) / "fer2013" / "fer2013_train.npz"), force=True,
                                head_images=None), log=lambda *_: None)
     fold_head = OnlineHead.load(open_package(pkg).path("head"))
     for flip in (False, True):
-        tag = f"{args.choose}{'+flip' if flip else ''} + fine-tuned extractor"
+        tag = f"{args.choose}{'+flip' if flip else ''} + {finetuned(args)}"
         emb, fer_emb = embed(pkg, crops, flip), embed(pkg, fer_pix, flip)
         add(f"{tag} | package head", k, photos.labels[test], fold_head.predict_proba(emb[test]))
         head = fit_head(fer_emb, fer_y, emb[ws], photos.labels[ws], args.head_repeat, args.head_iter)
@@ -328,6 +334,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ft-steps", type=int, default=60, help="batches per fine-tuning epoch")
     p.add_argument("--ft-repeat", type=int, default=10)
     p.add_argument("--ft-lr", type=float, default=5e-4)
+    p.add_argument("--ft-label-smoothing", type=float, default=0.1, help="for ambiguous labels (the release: 0.1)")
     p.add_argument("--fer-limit", type=int, default=None)
     p.add_argument("--finetune-folds", type=lambda v: [int(x) for x in v.split(",")], default=None,
                    help="fine-tune only these folds, e.g. 0,1 (default: all)")
