@@ -212,9 +212,13 @@ def cached_crops(work: Path, photos: Photos, variants: dict, peer) -> tuple[dict
     return crops, found, peer_probs
 
 
+RELEASE_RECIPE = {"ft_epochs": 3, "ft_steps": 60, "ft_repeat": 10, "ft_lr": 5e-4, "ft_label_smoothing": 0.1}
+
+
 def finetuned(args) -> str:
     """The fine-tuned rows' name; a recipe other than the release's says how it differs."""
-    return "fine-tuned extractor" + ("" if args.ft_label_smoothing == 0.1 else f" (label smoothing {args.ft_label_smoothing:g})")
+    changed = [f"{k[3:].replace('_', ' ')} {getattr(args, k):g}" for k, v in RELEASE_RECIPE.items() if getattr(args, k) != v]
+    return "fine-tuned extractor" + (f" ({', '.join(changed)})" if changed and not args.quick else "")
 
 
 def finetune_fold(args, k: int, photos: Photos, folds: np.ndarray, crops: np.ndarray, variant, fer_pix, fer_y, work: Path,
@@ -330,11 +334,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-repeat", type=int, default=4, help="each workstation infant photo counts this many times")
     p.add_argument("--head-iter", type=int, default=60)
     p.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--ft-epochs", type=int, default=3)
-    p.add_argument("--ft-steps", type=int, default=60, help="batches per fine-tuning epoch")
-    p.add_argument("--ft-repeat", type=int, default=10)
-    p.add_argument("--ft-lr", type=float, default=5e-4)
-    p.add_argument("--ft-label-smoothing", type=float, default=0.1, help="for ambiguous labels (the release: 0.1)")
+    p.add_argument("--ft-epochs", type=int, default=RELEASE_RECIPE["ft_epochs"])
+    p.add_argument("--ft-steps", type=int, default=RELEASE_RECIPE["ft_steps"], help="batches per fine-tuning epoch")
+    p.add_argument("--ft-repeat", type=int, default=RELEASE_RECIPE["ft_repeat"])
+    p.add_argument("--ft-lr", type=float, default=RELEASE_RECIPE["ft_lr"])
+    p.add_argument("--ft-label-smoothing", type=float, default=RELEASE_RECIPE["ft_label_smoothing"], help="for ambiguous labels (the release: 0.1)")
     p.add_argument("--fer-limit", type=int, default=None)
     p.add_argument("--finetune-folds", type=lambda v: [int(x) for x in v.split(",")], default=None,
                    help="fine-tune only these folds, e.g. 0,1 (default: all)")
