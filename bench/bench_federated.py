@@ -89,8 +89,7 @@ def product_path(package: Path, faces: dict, n_devices: int, rounds: int, work: 
     from infantino.edge_runtime.sync.client import DeviceLearner, sync_device
     from infantino.edge_runtime.sync.transport import Http
     from infantino.sync_server import store as st
-    from infantino.sync_server.models import promote_package
-    from infantino.sync_server.process import ServerProcess
+    from infantino.sync_server.process import ServerProcess, served_store
 
     pkg = open_package(package)
     role = "extractor_int8" if pkg.has("extractor_int8") else "extractor"
@@ -125,9 +124,7 @@ def product_path(package: Path, faces: dict, n_devices: int, rounds: int, work: 
     # the federation: a real server, N devices, R rounds
     data = work / "server"
     data.mkdir(parents=True)
-    store = st.Store(st.sqlite_url(data / "server.db"))
-    store.create_all()
-    promote_package(store, data, package)
+    store = served_store(st.sqlite_url(data / "server.db"), data, package)
     tokens = {f"cam{i}": store.add_client(f"cam{i}") for i in range(n_devices)}
     admin = store.rotate_admin()
     feds = {f"cam{i}": device(f"cam{i}") for i in range(n_devices)}

@@ -109,14 +109,11 @@ def run(package: Path, faces: dict, x_test: np.ndarray, strategy: str, scenario:
     from infantino.edge_runtime.sync.client import sync_device
     from infantino.edge_runtime.sync.transport import Http
     from infantino.sync_server import store as st
-    from infantino.sync_server.models import promote_package
-    from infantino.sync_server.process import ServerProcess
+    from infantino.sync_server.process import ServerProcess, served_store
 
     data = work / "server"
     data.mkdir(parents=True)
-    store = st.Store(st.sqlite_url(data / "server.db"))
-    store.create_all()
-    promote_package(store, data, package)
+    store = served_store(st.sqlite_url(data / "server.db"), data, package)
     tokens = {f"cam{i}": store.add_client(f"cam{i}") for i in range(HONEST)}
     n_tokens, posts = ATTACKS[scenario]
     hostile = {f"mallory{i}": store.add_client(f"mallory{i}") for i in range(n_tokens)}

@@ -147,13 +147,10 @@ def bench_ingest(package: Path, devices: int, seconds: float, workers: int, thre
 
 def _bench_ingest(package, devices, seconds, workers, threads, procs, data, url, label, keepalive) -> dict:
     from infantino.edge_runtime.head import OnlineHead
-    from infantino.sync_server.process import ServerProcess, cli
+    from infantino.sync_server.process import ServerProcess, cli, served_store
     from infantino.sync_server import store as st
-    from infantino.sync_server.models import promote_package
 
-    store = st.Store(url)
-    store.create_all()
-    promote_package(store, data, package)
+    store = served_store(url, data, package)
     tokens = [(f"bench-{i:03d}", store.add_client(f"bench-{i:03d}")) for i in range(devices)]
     store.dispose()
     # No round ever runs here, so the cap on one device's waiting updates (429 past 64) is lifted:
@@ -205,7 +202,7 @@ def _bench_ingest(package, devices, seconds, workers, threads, procs, data, url,
 def bench_aggregation(package: Path, sizes: list[int], url: str | None, work: Path, label: str) -> list[dict]:
     from infantino.sync_server import store as st
     from infantino.sync_server.aggregate import Strategy
-    from infantino.sync_server.models import promote_package
+    from infantino.sync_server.process import served_store
     from infantino.sync_server.rounds import aggregate_once
 
     out = []
@@ -222,9 +219,7 @@ def bench_aggregation(package: Path, sizes: list[int], url: str | None, work: Pa
 
                 ctx = contextlib.nullcontext(st.sqlite_url(folder / "server.db"))
             with ctx as store_url:
-                store = st.Store(store_url)
-                store.create_all()
-                promote_package(store, folder, package)
+                store = served_store(store_url, folder, package)
                 serving = store.serving()
                 size = store.head(serving.head_version).flat.size
                 for i in range(16):

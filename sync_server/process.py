@@ -32,6 +32,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def served_store(url: str, data_dir: Path, package: Path) -> st.Store:
+    """A store at ``url`` (schema created or upgraded) serving ``package`` from ``data_dir``;
+    the caller disposes it."""
+    store = st.Store(url)
+    store.create_all()
+    promote_package(store, data_dir, package)
+    return store
+
+
 def cli(*args: str, env: Optional[dict] = None, check: bool = True) -> subprocess.CompletedProcess:
     """``infantino-server ARGS`` in a child process (what an operator types), output captured."""
     res = subprocess.run([sys.executable, "-m", "infantino.sync_server.cli", *args], capture_output=True, text=True, cwd=REPO,
@@ -126,9 +135,7 @@ class LocalServer:
     def __init__(self, root: Path, package: Path, aggregate_k: int = 1000, env: dict | None = None, mlflow_uri: str = "off"):
         self.data = Path(root) / "server"
         self.data.mkdir(parents=True)
-        self.store = st.Store(st.sqlite_url(self.data / "server.db"))
-        self.store.create_all()
-        promote_package(self.store, self.data, package)
+        self.store = served_store(st.sqlite_url(self.data / "server.db"), self.data, package)
         self.admin = self.store.rotate_admin()
         self.tokens: dict[str, str] = {}
         self.process = ServerProcess(self.data, aggregate_k=aggregate_k, env=env, mlflow_uri=mlflow_uri)

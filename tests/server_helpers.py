@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from infantino.edge_runtime import wire
-from infantino.sync_server.process import REPO, ServerProcess, cli, free_port  # noqa: F401 - re-exported for the tests
+from infantino.sync_server.process import REPO, ServerProcess, cli, free_port, served_store  # noqa: F401 - re-exported for the tests
 from infantino.sync_server.process import scratch_schema_url as pg_schema_url  # noqa: F401
 from infantino.sync_server.process import LocalServer as Server  # noqa: F401
 from infantino.edge_runtime.device import Device, DeviceConfig
@@ -35,17 +35,6 @@ def store_url_for(backend: str, folder: Path) -> Iterator[str]:
     else:
         with pg_schema_url(PG_URL) as url:
             yield url
-
-
-def served_store(url: str, data_dir: Path, package: Path):
-    """A store at ``url`` (schema created or upgraded) serving ``package``; the caller disposes it."""
-    from infantino.sync_server import store as st
-    from infantino.sync_server.models import promote_package
-
-    store = st.Store(url)
-    store.create_all()
-    promote_package(store, data_dir, package)
-    return store
 
 
 def make_update(info: dict, layers, device: str, *, shift: float = 0.01, key: Optional[str] = None, n_samples: int = 5,

@@ -123,10 +123,8 @@ def _chunked(url: str, path: str, token: str, body: bytes, piece: int = 256 * 10
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory, tiny_package_dir):
-    srv = Server(tmp_path_factory.mktemp("chunked"), tiny_package_dir)
-    srv.process.start()
-    yield srv
-    srv.close()
+    with Server(tmp_path_factory.mktemp("chunked"), tiny_package_dir) as srv:
+        yield srv
 
 
 def test_chunked_bodies_are_read_whole_and_refused_past_the_limit(running):

@@ -54,10 +54,8 @@ def update(serving, head, device: str, scale: float, key: str | None = None) -> 
 def server(tmp_path, tiny_package_dir):
     mlflow_dir = tmp_path / "mlflow"
     mlflow_dir.write_text("not a folder: MLflow is down")
-    srv = Server(tmp_path, tiny_package_dir, mlflow_uri=sqlite_url(mlflow_dir / "mlflow.db"))
-    srv.process.start()
-    yield srv, mlflow_dir
-    srv.close()
+    with Server(tmp_path, tiny_package_dir, mlflow_uri=sqlite_url(mlflow_dir / "mlflow.db")) as srv:
+        yield srv, mlflow_dir
 
 
 def test_metrics_scrape_and_move_across_two_workers(server):

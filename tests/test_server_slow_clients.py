@@ -58,10 +58,8 @@ def timed(request: urllib.request.Request) -> tuple[int, float]:
 
 @pytest.fixture
 def server(tmp_path, tiny_package_dir):
-    srv = Server(tmp_path, tiny_package_dir, env={"INFANTINO_HEAD_TIMEOUT_S": str(HEAD_TIMEOUT_S)})
-    srv.process.start()
-    yield srv
-    srv.close()
+    with Server(tmp_path, tiny_package_dir, env={"INFANTINO_HEAD_TIMEOUT_S": str(HEAD_TIMEOUT_S)}) as srv:
+        yield srv
 
 
 def test_health_and_updates_answer_within_a_second_while_60_clients_send_headers_slowly(server):

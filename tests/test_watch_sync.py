@@ -2,6 +2,7 @@
 gets every update exactly once; a package promoted mid-run is adopted between two frames, no label lost."""
 from __future__ import annotations
 
+import contextlib
 import io
 import shutil
 import threading
@@ -44,6 +45,18 @@ class Running:
         assert not self.thread.is_alive() and self.result == [0]
 
 
+@contextlib.contextmanager
+def watching(tmp_path: Path, package: Path, video: Path, name: str):
+    """A real server serving ``package`` and a camera (device ``name``) watching ``video``,
+    synced once; yields the camera's model folder, state folder, the server and the watch."""
+    model = Path(shutil.copytree(package, tmp_path / "model"))
+    state = tmp_path / "state"
+    with Server(tmp_path, package) as srv:
+        run = Running(model, state, video, srv, name)
+        wait_for(lambda: run.sync.ok_at is not None, 60, "the first sync")
+        yield model, state, srv, run
+
+
 def _teach(device: Device, labels, seed: int) -> None:
     rng = np.random.default_rng(seed)
     for y in labels:
@@ -62,13 +75,7 @@ def video(tmp_path) -> Path:
 
 
 def test_a_server_that_is_down_then_up_gets_every_update_exactly_once(tmp_path, tiny_package_dir, video):
-    model = Path(shutil.copytree(tiny_package_dir, tmp_path / "model"))
-    state = tmp_path / "state"
-    srv = Server(tmp_path, tiny_package_dir)
-    try:
-        srv.process.start()
-        run = Running(model, state, video, srv, "nursery")
-        wait_for(lambda: run.sync.ok_at is not None, 60, "the first sync")
+    with watching(tmp_path, tiny_package_dir, video, "nursery") as (model, state, srv, run):
         caregiver = Device(managed_model_dir(state) or model, state, CONFIG)  # the page, in effect
         _teach(caregiver, [1, 2], seed=1)
         wait_for(lambda: run.sync.pushed >= 1, 60, "the first update to go up")
@@ -91,18 +98,10 @@ def test_a_server_that_is_down_then_up_gets_every_update_exactly_once(tmp_path, 
         assert srv.store.counts() == {"buffered": len(got)}
         assert not SyncState(state).pending()
         assert frames_while_down > 0 and len(frame_lines(state)) > frames_while_down  # the camera never waited on the network
-    finally:
-        srv.close()
 
 
 def test_a_package_promoted_mid_run_is_adopted_between_frames_with_no_label_lost(tmp_path, tiny_package_dir, video):
-    model = Path(shutil.copytree(tiny_package_dir, tmp_path / "model"))
-    state = tmp_path / "state"
-    srv = Server(tmp_path, tiny_package_dir)
-    try:
-        srv.process.start()
-        run = Running(model, state, video, srv, "upgrade")
-        wait_for(lambda: run.sync.ok_at is not None, 60, "the first sync")
+    with watching(tmp_path, tiny_package_dir, video, "upgrade") as (model, state, srv, run):
         _teach(Device(model, state, CONFIG), [0, 1, 2], seed=5)
         wait_for(lambda: run.sync.pushed >= 1, 60, "the labels to go up")
         before = len(frame_lines(state))
@@ -126,5 +125,3 @@ def test_a_package_promoted_mid_run_is_adopted_between_frames_with_no_label_lost
         assert reopened.package.version == "tiny-2" and len(reopened.samples) == 4 and len(reopened.replay) == 4
         lines = frame_lines(state)
         assert len(lines) > before and np.all(np.diff([r["t"] for r in lines]) > 0)  # no frame recorded twice or out of order
-    finally:
-        srv.close()
