@@ -9,7 +9,8 @@ Methods, all on the same embeddings (the package's int8 extractor, embedded once
 * frozen: the package's head, never updated;
 * plain: the device's update with no replay, no adult replay, no guard, no anchor
   (``partial_fit`` on one label at a time);
-* ours: ``Device`` with its default configuration (replay + adult replay seed + guard);
+* ours: ``Device`` with its default configuration (replay + adult replay seed + guard for the shared
+  head it uploads; its predictions: the shared head with the camera's own guarded adaptation);
 * refit: a head fitted from scratch on everything seen so far (upper bound; needs all data).
 
     python bench/bench_continual.py [--model-dir data/models] [--seeds 0 1 2] [--adult 1000]
@@ -28,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -39,18 +40,10 @@ from infantino.edge_runtime.imagefolder import list_image_folder, split_items
 from infantino.edge_runtime.preprocess import ImageError, decode_gray, faces_tensor
 from infantino.edge_runtime.splits import stratified_split
 
+from infantino.fleet_demo.cameras import night_ir  # one night-IR camera for the demo and every benchmark
+
 PHASES = ("adult", "infant", "night_ir", "infant_again")
 METHODS = ("frozen", "plain", "ours", "refit")
-
-
-def night_ir(gray: np.ndarray, seed: int) -> np.ndarray:
-    """A grayscale frame as a night-vision camera sees it: dark, flat, noisy, a little soft."""
-    rng = np.random.default_rng(seed)
-    x = (gray.astype(np.float32) / 255.0) ** 1.6  # low light crushes the shadows
-    x = 0.12 + 0.45 * x  # IR flattens contrast
-    img = Image.fromarray(np.clip(x * 255, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0))
-    x = np.asarray(img, np.float32) + rng.normal(0, 10.0, gray.shape)  # sensor noise
-    return np.clip(x, 0, 255).astype(np.uint8)
 
 
 def embed_photos(device: Device, items: list[tuple[Path, int]]) -> dict[str, dict[int, np.ndarray]]:
@@ -98,8 +91,8 @@ def phases_for(seed: int, items, photo_emb, fer_x, fer_y, embedded: np.ndarray, 
     return streams, tests
 
 
-def _accuracy(head: OnlineHead, xy) -> float:
-    return float(np.mean(head.predict_proba(xy[0]).argmax(1) == xy[1]))
+def _accuracy(predict_proba, xy) -> float:
+    return float(np.mean(predict_proba(xy[0]).argmax(1) == xy[1]))
 
 
 def run_method(method: str, model_dir: Path, streams, tests, seed: int) -> np.ndarray:
@@ -109,7 +102,8 @@ def run_method(method: str, model_dir: Path, streams, tests, seed: int) -> np.nd
     with tempfile.TemporaryDirectory() as tmp:
         base = DeviceConfig(threads=1, autosave=False, seed=seed)
         if method == "plain":
-            base = replace(base, replay_mix=0, source_mix=0, holdout_per_class=0, holdout_every=0, anchor_strength=0.0)
+            base = replace(base, replay_mix=0, source_mix=0, holdout_per_class=0, holdout_every=0, anchor_strength=0.0,
+                           personalize=False)
         device = Device(model_dir, tmp, base)
         seen_x, seen_y = [], []
         for i, phase in enumerate(PHASES):
@@ -120,10 +114,11 @@ def run_method(method: str, model_dir: Path, streams, tests, seed: int) -> np.nd
                     device.learn(x[j], int(y[j]), save=False)
             seen_x.append(x)
             seen_y.append(y)
-            head = device.head
+            predict = device.learner.predict_proba  # what the device answers: for "ours", the shared head and the camera's part
             if method == "refit":
-                head = OnlineHead.fit(np.concatenate(seen_x), np.concatenate(seen_y), HeadParams(random_state=seed), max_iter=80)
-            R[i] = [_accuracy(head, tests[p]) for p in PHASES]
+                predict = OnlineHead.fit(np.concatenate(seen_x), np.concatenate(seen_y), HeadParams(random_state=seed),
+                                         max_iter=80).predict_proba
+            R[i] = [_accuracy(predict, tests[p]) for p in PHASES]
     return R
 
 

@@ -182,6 +182,13 @@ class AnnotationQueue:
                 os.unlink(tmp)
         return label, True
 
+    def unresolve(self, item_id: str) -> None:
+        """Take a label back: the device could not save what it learned from it (a full disk), so the
+        frame waits for a label again instead of being learned at the next start."""
+        with contextlib.suppress(FileNotFoundError):
+            self._path(item_id, ".label").unlink()
+        _fsync_dir(self.folder)
+
     def resolved(self) -> list[QueueItem]:
         """Labelled items not yet removed (the device learns them, then removes them)."""
         return [i for i in self.items(include_resolved=True) if i.label is not None]

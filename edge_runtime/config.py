@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .annotation_queue import DEFAULT_MAX_ITEMS
 from .extractor import DEFAULT_THREADS
+from .release import bundled_model_dir
 from .sync.state import managed_model_dir
 from .uncertainty import DEFAULT_THRESHOLD
 
@@ -41,6 +42,9 @@ class DeviceConfig:
     keep_generations: int = 3
     share_crops: bool | None = None  # consent to upload labelled face crops at sync; None: as recorded in the state folder (off unless given)
     seed: int = 0
+    personalize: bool = True  # the camera's own adaptation on top of the shared head (personal.py)
+    personal_on: str = "shared"  # "shared": the fleet's head as adopted; "learned": this device's updated copy
+    frame_pool: int = 256  # unlabelled frames kept as evidence of the camera's class mix
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "int8", "fp32"):
@@ -52,12 +56,15 @@ class DeviceConfig:
 
 
 def default_model_dir() -> Path:
-    """``$INFANTINO_MODEL_DIR``, else ``./data/models``, else the repository's ``data/models``."""
+    """``$INFANTINO_MODEL_DIR``, else ``./data/models``, else the release package installed with
+    this code (``release.bundled_model_dir``: in the wheel, or an editable install's checkout)."""
     env = os.environ.get("INFANTINO_MODEL_DIR")
     if env:
         return Path(env)
     here = Path("data/models")
-    return here if here.is_dir() else Path(__file__).resolve().parents[1] / "data" / "models"
+    if here.is_dir():
+        return here
+    return bundled_model_dir() or here  # no bundle: the missing ./data/models is what the error names
 
 
 def model_dir_for(state_dir: str | os.PathLike | None) -> Path:

@@ -22,6 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
+from . import safe_npz
 from .atomic import atomic_write_bytes, atomic_write_text
 
 CONSENT_NAME = "consent.json"
@@ -94,7 +95,7 @@ class CropOutbox:
     def _read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """(crops, labels, seq, dropped); an unreadable outbox only loses crops never sent."""
         try:
-            with np.load(self.path, allow_pickle=False) as npz:
+            with safe_npz.load(self.path) as npz:
                 return npz["crops"], npz["labels"], npz["seq"], int(npz["dropped"])
         except (OSError, KeyError, ValueError):
             return np.zeros((0, 0, 0), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64), 0

@@ -1,6 +1,7 @@
 """Where the real data sets live, and a one-line refusal when one is missing.
 
-The root is ``$INFANTINO_DATA``, else ``../shared/data`` next to the repository. Layout (README,
+The root is ``$INFANTINO_DATA``, else ``../shared/data`` next to the repository (an installed
+copy: ``~/.local/share/infantino/data``). Layout (README,
 "Data"): ``fer2013/fer2013_train.npz`` (FER2013, adult faces) and ``infant/<class>/`` (the
 InfantinO infant photos, one folder per expression). Nothing here is ever copied into the
 repository; commands and tests only read it.
@@ -26,9 +27,15 @@ class DataMissing(FileNotFoundError):
 
 
 def data_root() -> Path:
-    """``$INFANTINO_DATA``, else the ``shared/data`` folder beside the repository."""
+    """``$INFANTINO_DATA``, else the ``shared/data`` folder beside the repository when this code runs
+    from a checkout (an editable install), else ``~/.local/share/infantino/data`` (an installed copy
+    has no repository beside it)."""
     env = os.environ.get(ENV)
-    return Path(env) if env else REPO.parent / "shared" / "data"
+    if env:
+        return Path(env)
+    if (REPO / "pyproject.toml").is_file():
+        return REPO.parent / "shared" / "data"
+    return Path.home() / ".local" / "share" / "infantino" / "data"
 
 
 def data_path(*parts: str) -> Path:

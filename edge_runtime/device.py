@@ -38,6 +38,7 @@ from .package_runtime import PackageRuntime, embed_crops, load_replay_seed
 from .prediction import Cached, Learnable, Prediction, frame_key, source_name
 from .preprocess import ImageError, ImageSource, Prepared, face_tensor, has_contrast, require_contrast
 from .replay import ReplayBuffer
+from .rollback import undo_on_failure
 from .samples import SampleKeeper
 from .state import StateConflict, StateStore
 from .state_lock import StateLock
@@ -212,7 +213,10 @@ class Device:
             raise StateConflict(f"another process moved {self.state_dir} to model package {snap.meta.get('package_version')} "
                                 f"(this device runs {self.package.version}): reopen the device")
         unsaved = {k: self.counters.get(k, 0) - self._saved_counters.get(k, 0) for k in ("predictions", "queued")}
+        pool = self.learner.camera.pool  # the frames this process saw: newer than any other process's save
         self._apply(snap)
+        if len(pool):
+            self.learner.camera.pool = pool
         for k, n in unsaved.items():
             self.counters[k] = self.counters.get(k, 0) + n
         self.samples.reload()
@@ -245,10 +249,13 @@ class Device:
         with self.change():
             self.generation = self._seen_generation = self.store.save(learner_arrays(self.learner), self._meta())
             self._saved_counters, self._dirty = dict(self.counters), False
-            self.samples.save()  # appends only the crops kept since the last save (nothing when there are none)
-            pending, self._pending_crops = self._pending_crops, []
-            for crop, y in pending:
-                self.outbox.add(crop, y)  # only while consent is recorded (checked at each add)
+            try:  # the labels are durable now: crops that cannot be written (a full disk) wait for the next save
+                self.samples.save()  # appends only the crops kept since the last save (nothing when there are none)
+                while self._pending_crops:
+                    self.outbox.add(*self._pending_crops[0])  # only while consent is recorded (checked at each add)
+                    self._pending_crops.pop(0)
+            except OSError as exc:
+                log.warning("state saved, but kept face crops were not (retried at the next save): %s", exc)
             return self.generation
 
     def status(self) -> dict[str, Any]:
@@ -256,7 +263,7 @@ class Device:
         with self._lock:
             return {"model_dir": str(self.package.folder), "state_dir": str(self.state_dir), **self._meta(),
                     "generation": self.generation, "replay": len(self.replay), "holdout": len(self.holdout),
-                    "queue": len(self.queue)}
+                    "queue": len(self.queue), "camera": self.learner.camera.summary(self.classes)}
 
     # ---------------------------------------------------------------- predict
     def prepare(self, image: ImageSource, detect: bool | None = None) -> Prepared:
@@ -284,7 +291,10 @@ class Device:
             self.refresh()  # predict with the head another process (sync, the page) may have saved since
             with self._lock:
                 if epoch == self._epoch:  # else the package was switched meanwhile: embed again with the new one
-                    probs = self.head.predict_proba(emb)
+                    probs = self.learner.predict_proba(emb)  # the shared head with this camera's own adaptation
+                    for prep, e in zip(preps, emb):
+                        if prep.face_found:
+                            self.learner.observe(e)  # evidence of this camera's class mix
                     return [self._answer(*args, enqueue) for args in zip(images, keys, preps, emb, probs)]
 
     def _answer(self, image: ImageSource, key: str, prep: Prepared, e: np.ndarray, p: np.ndarray, enqueue: bool) -> Prediction:
@@ -388,7 +398,8 @@ class Device:
         a ``Prediction`` or a 1-D embedding. Saves the state unless ``autosave`` is off."""
         y = self.label_index(label)
         x, crop, epoch = self._learnable(item)  # decode and embed outside the writer lock
-        with self.change():
+        saving = self.config.autosave if save is None else save
+        with self.change(), undo_on_failure(self, enabled=saving):  # a label whose save fails is neither counted nor learned later
             if epoch != self._epoch:  # the package was switched meanwhile
                 if isinstance(item, Prediction):
                     raise StateConflict(f"this frame was predicted on another model package; the device now runs "
@@ -397,7 +408,7 @@ class Device:
             result = self._update(x, y)
             if crop is not None and (result.updated or result.held_out):
                 self._keep_crop(crop, y)
-            if self.config.autosave if save is None else save:
+            if saving:
                 self.save()
             return result
 
@@ -420,7 +431,8 @@ class Device:
             _, first = self.queue.resolve(item_id, label)
             if not first:  # labelled before (a second caregiver, a retried request): counted once
                 return None
-            return self._learn_queued(item_id, label)
+            with undo_on_failure(self, also=lambda: self.queue.unresolve(item_id)):  # not saved: back in the queue
+                return self._learn_queued(item_id, label)
 
     def _refuse_blank_queued(self, item_id: str) -> None:
         """A blank queued crop (queued before blank frames were kept out) is refused before its label is recorded."""
@@ -456,7 +468,7 @@ class Device:
         """Replace the head (e.g. a refreshed one from the sync server); replay and holdout stay.
         Saves unless ``autosave`` is off (``save`` decides when given)."""
         self._check_head(head, self.classes, self.dim)
-        with self.change():
+        with self.change(), undo_on_failure(self):
             self.learner.adopt(head)  # learning now stays close to the adopted head
             self._dirty = True
             if self.config.autosave if save is None else save:

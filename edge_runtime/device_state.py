@@ -1,7 +1,8 @@
 """A ``GuardedLearner`` to and from one state snapshot (``state.StateStore``): the device state format.
 
 Payload arrays: ``head_npz`` (the head's own npz bytes), ``replay_*`` and ``holdout_*``
-(``replay.py``), ``anchor_<i>`` (the L2-SP anchor); meta: ``format``, the package version,
+(``replay.py``), ``anchor_<i>`` (the L2-SP anchor, which is also the fleet's head as adopted),
+``pool_*`` and ``personal_*`` (the camera's own part, ``personal.CameraModel``); meta: ``format``, the package version,
 the counters and the ids of the last queued frames learned. A snapshot of another package
 is not applied (its embeddings mean nothing to this extractor): the device starts from
 the new package's head, its kept face crops re-embedded by sync.
@@ -24,7 +25,8 @@ STATE_FORMAT = "infantino-device-state/1"
 def learner_arrays(learner: GuardedLearner) -> dict[str, np.ndarray]:
     """The arrays of one snapshot: head, replay, holdout, anchor."""
     return {"head_npz": np.frombuffer(learner.head.to_bytes(), np.uint8), **learner.replay.to_arrays(),
-            **learner.holdout.to_arrays(), **{f"anchor_{i}": a for i, a in enumerate(learner.anchor_weights)}}
+            **learner.holdout.to_arrays(), **{f"anchor_{i}": a for i, a in enumerate(learner.anchor_weights)},
+            **learner.camera.to_arrays()}
 
 
 def learner_meta(learner: GuardedLearner, *, package_version: str, extractor_role: str) -> dict[str, Any]:
@@ -61,6 +63,10 @@ def apply_snapshot(learner: GuardedLearner, snap: Snapshot) -> None:
     anchor = [np.asarray(snap.arrays[f"anchor_{i}"], np.float64) for i in range(len(head.weights())) if f"anchor_{i}" in snap.arrays]
     if anchor and [a.shape for a in anchor] == [w.shape for w in head.weights()]:
         learner.anchor_weights = anchor
+    try:
+        learner.camera.load_arrays(snap.arrays)  # the camera's own part (absent in snapshots before issue 19)
+    except ValueError as exc:
+        raise StateError(f"{snap.path.name}: {exc}") from exc
     learner.head, learner.replay, learner.holdout = head, replay, holdout
     learner.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
     learner.learned_queue_ids = [str(i) for i in meta.get("learned_queue_ids", [])]

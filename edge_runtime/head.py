@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from . import head_sklearn
+from . import head_sklearn, safe_npz
 from .atomic import atomic_write_bytes
 from .head_sklearn import new_classifier  # noqa: F401  (importable from here, as before)
 from .mlp import ACTIVATIONS, AdamState, Batch, adam_update, forward, loss_and_grads
@@ -270,7 +270,7 @@ class OnlineHead:
     @classmethod
     def from_bytes(cls, data: bytes) -> "OnlineHead":
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            with safe_npz.load(data) as npz:  # bounded, no pickles (a served head may be hostile)
                 return cls.from_npz(npz)
         except HeadFormatError:
             raise

@@ -1,5 +1,10 @@
 """``GuardedLearner``: the learning policy of a device, numpy only (no ONNX Runtime, no I/O).
 
+Two parts, kept apart: the *shared* head the fleet aggregates (this device's update of it is
+what sync uploads) and the *camera's own* adaptation on top of it (``personal.CameraModel``:
+its class mix and its lean, guarded on its own labels; never uploaded, kept across new
+global heads and packages). The device predicts with both (``predict_proba``).
+
 One caregiver label makes one guarded update of the head: the new embedding (weighted
 ``new_weight``) with a class-balanced draw from the replay of earlier labels and from the
 package's source-domain (adult FER) embeddings, a few Adam steps pulled toward the starting
@@ -23,6 +28,7 @@ import numpy as np
 
 from .config import DeviceConfig
 from .head import OnlineHead
+from .personal import CameraModel, PersonalSettings
 from .replay import HoldoutSet, ReplayBuffer
 
 COUNTERS = ("predictions", "queued", "labels", "updates", "rollbacks", "held_out", "from_queue", "adopted")
@@ -56,6 +62,38 @@ class GuardedLearner:
         self.holdout = HoldoutSet(n, self.dim, config.holdout_per_class)
         self.counters: dict[str, int] = {k: 0 for k in COUNTERS}
         self.learned_queue_ids: list[str] = []
+        self.camera = CameraModel(n, self.dim, PersonalSettings(), pool_size=config.frame_pool)
+        self._shared: tuple[list[np.ndarray], OnlineHead] | None = None  # (the anchor it was built from, the head)
+
+    @property
+    def predicting_head(self) -> OnlineHead:
+        """The head the camera's adaptation sits on: the fleet's head as adopted (``personal_on="shared"``,
+        the default: measured in bench/personalization.py) or this device's locally learned copy."""
+        if self.config.personal_on == "learned":
+            return self.head
+        cached = self._shared
+        if cached is None or cached[0] is not self.anchor_weights:  # adopted, restored or loaded since
+            n = len(self.head.coefs)
+            head = OnlineHead.from_arrays(self.anchor_weights[:n], self.anchor_weights[n:], self.classes, self.head.params)
+            self._shared = cached = (self.anchor_weights, head)
+        return cached[1]
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """The camera's probabilities for embeddings ``x`` (N, dim): shared head, then the camera's own part."""
+        x = np.asarray(x, np.float32).reshape(-1, self.dim)
+        if not self.config.personalize:
+            return self.head.predict_proba(x)
+        head = self.predicting_head
+        return self.camera.apply(head.predict_proba(x), x)
+
+    def observe(self, x: np.ndarray) -> None:
+        """A frame the camera saw (a face was found): evidence for its class mix."""
+        if self.config.personalize:
+            self.camera.observe(np.asarray(x, np.float32), self.predicting_head)
+
+    def _personal_label(self, x: np.ndarray, y: int) -> None:
+        if self.config.personalize:
+            self.camera.labelled(x, y, self.predicting_head, self.kept())
 
     @property
     def anchor_strength(self) -> float:
@@ -93,9 +131,19 @@ class GuardedLearner:
         c = self.config
         self.counters["labels"] += 1
         rng = self._rng()
+        labelled = x
         held, x = self._hold_back(x, y)
         if x is None:
+            self._personal_label(labelled, y)
             return LearnResult(self.classes[y], False, False, True, self.head.version)
+        try:
+            return self._shared_update(x, y, held, rng)
+        finally:
+            self._personal_label(labelled, y)
+
+    def _shared_update(self, x: np.ndarray, y: int, held: bool, rng: np.random.Generator) -> LearnResult:
+        """The guarded update of the shared head (what sync uploads)."""
+        c = self.config
         xb, yb, weights = self._batch(x, y, rng)
         hx, hy = self.holdout.all()
         judge = len(hy) >= c.guard_min_holdout
@@ -122,6 +170,8 @@ class GuardedLearner:
         self.head = head
         self.anchor_weights = [w.copy() for w in head.weights()]
         self.counters["adopted"] += 1
+        if self.config.personalize and self.camera.n_labels:  # the camera's own part stays, refitted on the new head
+            self.camera.refresh(self.predicting_head, self.kept())
 
     def kept(self) -> tuple[np.ndarray, np.ndarray]:
         """(embeddings, labels) of every kept label: the replay buffer and the holdout."""
@@ -136,3 +186,4 @@ class GuardedLearner:
         for x, y in zip(embeddings, labels):
             buf.add(x, int(y), rng)
         self.replay = buf
+        self.camera.forget_frames()  # embeddings of another extractor; the class mix and the label counts stay

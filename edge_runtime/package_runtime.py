@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from . import safe_npz
 from .config import DeviceConfig
 from .extractor import Extractor
 from .facefinder import FaceFinder, uses_blazeface
@@ -115,7 +116,7 @@ def _device_spec(spec: PreprocessSpec, config: DeviceConfig) -> PreprocessSpec:
 
 def load_replay_seed(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """``x`` float32 (N, D) and ``y`` class indices (N,) from an npz of plain arrays."""
-    with np.load(path, allow_pickle=False) as npz:
+    with safe_npz.load(path) as npz:
         x = np.asarray(npz["x"], np.float32)
         y = np.asarray(npz["y"], np.int64)
     if x.ndim != 2 or y.shape != (len(x),) or y.min(initial=0) < 0 or not np.all(np.isfinite(x)):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import safe_npz
 from .atomic import _fsync_dir, atomic_write_bytes
 from .state_lock import StateLock
 
@@ -153,7 +154,7 @@ class SampleKeeper:
 
     def _load_legacy(self) -> None:
         """``samples.npz`` as an older version wrote it (stacked crops, labels, seen)."""
-        with np.load(self.legacy_path, allow_pickle=False) as npz:
+        with safe_npz.load(self.legacy_path) as npz:
             crops, labels, seen = npz["crops"], npz["labels"], npz["seen"]
         if seen.shape != (self.n_classes,):
             return  # another class set: start over rather than mislabel

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from . import safe_npz
 from .atomic import atomic_write_bytes, atomic_write_text
 from .state_lock import StateLock
 
@@ -73,7 +74,7 @@ def decode(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if hashlib.sha256(payload).hexdigest().encode("ascii") != digest:
         raise StateError("checksum mismatch")
     try:
-        with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
+        with safe_npz.load(payload) as npz:
             arrays = {k: npz[k] for k in npz.files}
         meta = json.loads(str(arrays.pop("meta")))
     except (KeyError, OSError, ValueError, EOFError) as exc:
@@ -145,7 +146,10 @@ class StateStore:
             for _, old in self.generations()[self.keep:]:
                 with contextlib.suppress(FileNotFoundError):
                     old.unlink()
-            atomic_write_text(self.folder / "state.json", json.dumps({"generation": gen, **meta}, indent=2, sort_keys=True) + "\n")
+            try:  # a mirror for people; the snapshot above is the state, so a full disk here does not undo it
+                atomic_write_text(self.folder / "state.json", json.dumps({"generation": gen, **meta}, indent=2, sort_keys=True) + "\n")
+            except OSError as exc:
+                log.warning("snapshot %d saved, state.json not updated: %s", gen, exc)
         return gen
 
     def clean_temp(self) -> int:

@@ -1,8 +1,9 @@
 """Head updates on the wire: one ``.npz`` body, arrays plus a JSON ``meta`` entry.
 
 No web imports here: both the device client and the sync server use it. Bodies are read
-with ``allow_pickle=False`` and the zip directory is checked before anything is inflated,
-so a hostile body can neither run code nor decompress into gigabytes.
+by ``safe_npz`` (no pickles; members inflated in bounded chunks and cut at the size they
+claim; array headers checked before numpy allocates), so a hostile body can neither run
+code nor make the reader allocate more than its budget.
 
 An update body holds
 * ``meta``: a 0-d unicode array with a JSON object (``UPDATE_FORMAT``, device, base
@@ -14,12 +15,11 @@ from __future__ import annotations
 
 import io
 import json
-import re
-import zipfile
-import zlib
 from typing import Any, Sequence
 
 import numpy as np
+
+from . import safe_npz
 
 UPDATE_FORMAT = "infantino-update/1"
 CONTENT_TYPE = "application/x-npz"
@@ -50,41 +50,6 @@ def dict_to_layers(arrays: dict[str, np.ndarray], n_layers: int) -> list[np.ndar
     return [arrays[n] for n in names]
 
 
-_HEADER = re.compile(r"^\{'descr': '([<>|=]?[A-Za-z][0-9]*)', 'fortran_order': False, 'shape': \(((?:\d+, ?)*\d*)\), \}\s*$")
-
-
-def _read_npy(raw: bytes) -> np.ndarray:
-    """One .npy member: numpy's own C-order header parsed without eval, else ``numpy.lib.format`` (no pickle)."""
-    if raw[:6] == b"\x93NUMPY" and raw[6:7] == b"\x01" and len(raw) >= 10:
-        hlen = int.from_bytes(raw[8:10], "little")
-        match = _HEADER.match(raw[10:10 + hlen].decode("latin1"))
-        if match:
-            dtype = np.dtype(match.group(1))
-            shape = tuple(int(x) for x in match.group(2).replace(" ", "").split(",") if x)
-            if dtype.hasobject:
-                raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
-            count = int(np.prod(shape, dtype=np.int64))
-            if len(raw) - 10 - hlen != count * dtype.itemsize:
-                raise ValueError(f"array data holds {len(raw) - 10 - hlen} bytes, its header promises {count * dtype.itemsize}")
-            return np.frombuffer(raw, dtype=dtype, count=count, offset=10 + hlen).reshape(shape).copy()
-    return np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
-
-
-def _member(data: bytes, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
-    """A member's bytes: stored members (what ``np.savez`` writes) sliced straight out of the
-    body after a CRC check, anything else through ``zipfile``."""
-    start = info.header_offset
-    if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1 and data[start:start + 4] == b"PK\x03\x04":
-        name_len = int.from_bytes(data[start + 26:start + 28], "little")
-        extra_len = int.from_bytes(data[start + 28:start + 30], "little")
-        begin = start + 30 + name_len + extra_len
-        raw = data[begin:begin + info.compress_size]
-        if len(raw) != info.file_size or zlib.crc32(raw) != info.CRC:
-            raise WireError(f"npz entry {info.filename[:64]!r} is truncated or corrupt")
-        return raw
-    return zf.read(info)
-
-
 def encode(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
     if "meta" in arrays:
         raise WireError("'meta' is reserved")
@@ -94,27 +59,14 @@ def encode(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def decode(data: bytes, max_entries: int = 32, max_inflated: int = 64 * 1024 * 1024) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Parse an npz body into (meta, arrays); raises ``WireError`` with a one-line reason."""
+    """Parse an npz body into (meta, arrays); raises ``WireError`` with a one-line reason.
+
+    ``safe_npz`` reads it: never more than ``max_inflated`` bytes inflated, whatever the
+    archive claims, and every array header checked before numpy allocates."""
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise WireError(f"body is not an npz archive ({exc})") from None
-    entries = {}
-    try:
-        with zf:
-            infos = zf.infolist()
-            if len(infos) > max_entries:
-                raise WireError(f"npz holds {len(infos)} entries; at most {max_entries} allowed")
-            if sum(i.file_size for i in infos) > max_inflated:
-                raise WireError(f"npz would inflate to more than {max_inflated} bytes")
-            for info in infos:
-                if not info.filename.endswith(".npy"):
-                    raise WireError(f"npz entry {info.filename[:64]!r} is not an .npy array")
-                entries[info.filename[:-4]] = _read_npy(_member(data, zf, info))
-    except WireError:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError) as exc:
-        raise WireError(f"npz entry cannot be read without pickle ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        entries = safe_npz.read_npz(data, max_entries=max_entries, max_inflated=max_inflated)
+    except safe_npz.NpzError as exc:
+        raise WireError(str(exc)) from None
     if "meta" not in entries:
         raise WireError("npz has no 'meta' entry")
     raw = entries.pop("meta")
@@ -124,9 +76,17 @@ def decode(data: bytes, max_entries: int = 32, max_inflated: int = 64 * 1024 * 1
         meta = json.loads(str(raw))
     except json.JSONDecodeError as exc:
         raise WireError(f"'meta' is not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise WireError("'meta' is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer longer than Python's digit limit
+        raise WireError(f"'meta' is not valid JSON ({str(exc).splitlines()[0][:120]})") from None
     if not isinstance(meta, dict):
         raise WireError("'meta' must be a JSON object")
-    return meta, entries
+    try:  # a lone surrogate (\\ud800) cannot be stored, logged or sent to MLflow
+        json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise WireError("'meta' holds text that is not valid Unicode (a lone surrogate)") from None
+    return meta, dict(entries)
 
 
 def encode_update(*, device: str, base_head_version: int, base_package_version: str, layers: Sequence[np.ndarray],

@@ -1,4 +1,5 @@
-"""``infantino-export``: train, export to ONNX, publish to the sync server (gated).
+"""``infantino-export``: train, export to ONNX, publish to the sync server (gated); ``data import``
+writes the data layout from a checkout of the public InfantinO repository.
 
 FER2013 is read from ``--fer`` (default: ``$INFANTINO_DATA/fer2013/fer2013_train.npz``, else
 ``../shared/data/...`` beside the repository; README "Data"). Bad input or missing data: one
@@ -10,7 +11,7 @@ import argparse
 import sys
 
 from infantino.edge_runtime.clitools import OneLineParser, add_verbose, run_command
-from infantino.edge_runtime.datasets import FER, data_path, fer_file
+from infantino.edge_runtime.datasets import FER, data_path, data_root, fer_file
 
 PROG = "infantino-export"
 
@@ -77,6 +78,24 @@ def _add_detector_parsers(sub) -> None:
     r.add_argument("package")
     r.add_argument("--fer", default=None, help="FER npz for calibration and scoring")
     r.set_defaults(func=_requantize)
+
+
+def _data_import(args: argparse.Namespace) -> int:
+    from .data_import import import_infantino
+
+    print(import_infantino(args.checkout, args.out).line(args.out))
+    return 0
+
+
+def _add_data_parsers(sub) -> None:
+    d = sub.add_parser("data", help="get the data sets (README 'Data')")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    i = dsub.add_parser("import", help="write our data layout from a checkout of the public InfantinO repository")
+    i.add_argument("checkout", metavar="INFANTINO_CHECKOUT", help="the InfantinO repository (modeling/src/data/...)")
+    i.add_argument("--out", required=True, metavar="DIR",
+                   help=f"data folder to write fer2013/ and infant/ into; point $INFANTINO_DATA at it (default root: {data_root()})")
+    add_verbose(i, top=False)
+    i.set_defaults(func=_data_import)
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -148,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-token", help="the server's admin token (default: $INFANTINO_ADMIN_TOKEN)")
     p.add_argument("--force", action="store_true", help="promote even if the gate refuses it (recorded as forced)")
     p.set_defaults(func=_publish)
+    _add_data_parsers(sub)
     for choice in sub.choices.values():
         add_verbose(choice, top=False)
     return parser

@@ -12,10 +12,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from infantino.edge_runtime.clitools import OneLineParser, add_verbose, run_command
 from infantino.edge_runtime.device import default_model_dir
 from infantino.edge_runtime.package import open_package
+from infantino.edge_runtime.preprocess import CLASSES
 
+from .cameras import plan_cameras
 from .data import find_images, fresh_out, plan_split, trained_on_held_out
 from .fleet import STRATEGIES, FleetPlan, run_fleet
 from .report import header, plot, row, write_summary
@@ -38,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh-package", help="publish this package (through the gate) after --refresh-after rounds")
     p.add_argument("--refresh-after", type=int, help="round after which --refresh-package is published")
     p.add_argument("--share-crops", action="store_true", help="devices opt in to uploading their labelled crops")
+    p.add_argument("--mix-alpha", type=float, default=0.3, help="each camera's class mix ~ Dirichlet(alpha), as one baby's "
+                                                                 "days are skewed; 0: every camera the uniform mix (default: %(default)s)")
     p.add_argument("--limit", type=int, help="use only this many photos (seeded)")
     p.add_argument("--no-mlflow", action="store_true", help="run the server without MLflow")
     p.add_argument("--quick", action="store_true", help="CI size: 2 devices, 2 rounds, budget 3, 40 photos, one arm")
@@ -81,17 +87,25 @@ def _run(args: argparse.Namespace) -> int:
     out = fresh_out(Path(args.out).resolve())  # absolute: the server process runs from the repository and
     # Flask resolves a relative file path against its package folder
     gate_dir = _write_test_folder(out / "held-out", test) if args.refresh_package else None
+    cameras = plan_cameras(shards, test, len(open_package(Path(args.model_dir), verify=False).manifest.classes),
+                           args.mix_alpha, args.seed)
     print(f"{sum(map(len, shards))} photos in {args.devices} camera streams, {len(test)} held out; "
           f"{args.rounds} rounds, {args.budget} labels per camera per round; package {args.model_dir}")
+    for cam in cameras:
+        print(f"  {cam.name}: {cam.profile:11s} mix " + " ".join(f"{c[:3]} {m:.2f}" for c, m in zip(CLASSES, cam.mix) if m >= 0.05)
+              + f"  ({len(cam.stream)} frames, {len(cam.test)} own held-out)")
+    print("cam columns: each camera on its own held-out frames; global: the fleet's head on the balanced held-out photos")
     arms = {}
     for strategy in strategies:
-        plan = FleetPlan(Path(args.model_dir), shards, test, args.rounds, args.budget, strategy, args.seed,
+        plan = FleetPlan(Path(args.model_dir), cameras, test, args.rounds, args.budget, strategy, args.seed,
                          share_crops=args.share_crops,
                          refresh_package=Path(args.refresh_package) if args.refresh_package else None,
                          refresh_after=args.refresh_after, gate_dirs=[str(gate_dir)] if gate_dir else [])
         arms[strategy] = _run_arm(plan, out / strategy, args)
     settings = {k: v for k, v in vars(args).items()}
-    settings.update(images=str(images), n_test=len(test), shard_sizes=[len(s) for s in shards], seconds=round(time.time() - t0, 1))
+    settings.update(images=str(images), n_test=len(test), shard_sizes=[len(s) for s in shards], seconds=round(time.time() - t0, 1),
+                    cameras=[{"name": c.name, "profile": c.profile, "mix": dict(zip(CLASSES, c.mix)), "frames": len(c.stream),
+                              "own_test": len(c.test)} for c in cameras])
     _print_results(arms, write_summary(out, arms, settings), plot(out, arms))
     if not args.no_mlflow:
         first = out.resolve() / strategies[0] / "server"
@@ -156,6 +170,9 @@ def _print_results(arms: dict, summary: Path, plots: list) -> None:
     for strategy, recs in arms.items():
         print(f"{strategy:11s} global head on held-out photos: {recs[0].global_accuracy:.3f} -> {recs[-1].global_accuracy:.3f} "
               f"after {recs[-1].labels_spent} labels")
+        before, after = np.mean(recs[0].device_accuracy), np.mean(recs[-1].device_accuracy)
+        print(f"{'':11s} cameras on their own held-out frames: {before:.3f} -> {after:.3f} (mean; "
+              + ", ".join(f"{a:+.3f}" for a in np.subtract(recs[-1].device_accuracy, recs[0].device_accuracy)) + ")")
         for r in recs:
             if r.gate is not None:
                 decision = "promoted" if r.refreshed else "refused by the gate"

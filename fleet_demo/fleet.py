@@ -1,6 +1,12 @@
 """One fleet, round by round: devices predict their frames, a caregiver labels a budget of
 them, devices learn and sync, the server aggregates, devices pull the new global head.
 
+Cameras differ as real ones do (``cameras.plan_cameras``): each films its own babies (a
+disjoint shard of the photos) in its own class mix and scene (day, night IR, low light,
+overhead, low-res JPEG). Each round reports every camera's accuracy on its own held-out
+frames (the device's whole predictor: the shared head and the camera's own adaptation)
+beside the global head on the balanced held-out photos.
+
 Everything is real: ``Device`` objects (ONNX Runtime, the MLP head, replay, guard) on
 their own state folders, a ``infantino-server run`` child process (gunicorn, SQLite,
 MLflow), HTTP sync. Only the caregiver is simulated: the photo's folder is the label.
@@ -26,16 +32,19 @@ from infantino.edge_runtime.sync.client import sync_device
 from infantino.edge_runtime.sync.transport import Http
 from infantino.sync_server.process import LocalServer
 
+from .cameras import Camera, frame
+
 DEVICE_CONFIG = DeviceConfig(threads=1, cache_size=256, autosave=False)
 STRATEGIES = ("uncertainty", "random")
 
 
 @dataclass
 class FleetPlan:
-    """What to simulate; ``shards[i]`` is device i's camera stream of (path, label)."""
+    """What to simulate: one ``Camera`` per device (its stream, mix, profile, own held-out frames),
+    and the balanced held-out photos ``test`` the global head is scored on."""
 
     package: Path
-    shards: list[list[tuple[Path, int]]]
+    cameras: list[Camera]
     test: list[tuple[Path, int]]
     rounds: int
     budget: int  # labels a caregiver gives per device per round
@@ -51,7 +60,7 @@ class FleetPlan:
 class RoundRecord:
     round: int
     labels_spent: int
-    device_accuracy: list[float]
+    device_accuracy: list[float]  # each camera on its own held-out frames, with its own adaptation
     global_accuracy: float
     global_macro_f1: float
     head_version: int
@@ -80,6 +89,35 @@ class TestSet:
         return summarize(y, head.predict_proba(x).argmax(axis=1), len(device.classes))
 
 
+class CameraTests:
+    """Each camera's own held-out frames (its mix, through its profile), embedded once per extractor."""
+
+    def __init__(self, cameras: list[Camera]):
+        self.cameras = cameras
+        self._frames: dict[str, list[tuple[np.ndarray, int]]] = {}
+        self._cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def _rendered(self, cam: Camera) -> list[tuple[np.ndarray, int]]:
+        if cam.name not in self._frames:
+            out = []
+            for j, (path, label) in enumerate(cam.test):
+                try:
+                    out.append((frame(path, cam.profile, seed=10_000 + j), label))
+                except ImageError:
+                    continue
+            self._frames[cam.name] = out
+        return self._frames[cam.name]
+
+    def accuracy(self, cam: Camera, device: Device) -> float:
+        key = (cam.name, device.package.version)
+        if key not in self._cache:
+            frames = self._rendered(cam)
+            x = np.concatenate([device.extractor(device.prepare(f).tensor) for f, _ in frames])
+            self._cache[key] = (x, np.array([y for _, y in frames]))
+        x, y = self._cache[key]
+        return float((device.learner.predict_proba(x).argmax(axis=1) == y).mean())
+
+
 def pick(uncertainties: np.ndarray, budget: int, strategy: str, rng: np.random.Generator) -> np.ndarray:
     """Indices of the frames the caregiver labels: the most uncertain first, or at random."""
     n = min(budget, len(uncertainties))
@@ -101,26 +139,27 @@ def run_fleet(plan: FleetPlan, work: Path, on_round: Callable[[RoundRecord], Non
               mlflow: bool = True) -> list[RoundRecord]:
     """Simulate ``plan`` with a fresh server under ``work``; returns one record per round (0 = before learning)."""
     server = _fresh_server(plan, work, mlflow)
-    test = TestSet(plan.test)
+    test, own = TestSet(plan.test), CameraTests(plan.cameras)
     rng = np.random.default_rng(plan.seed)
     config = replace(DEVICE_CONFIG, share_crops=plan.share_crops, seed=plan.seed)
     atexit.register(server.close)  # the finally below covers errors and Ctrl-C; this, an exit from elsewhere
     try:
         server.process.start()
-        names = [f"camera-{i + 1}" for i in range(len(plan.shards))]
+        names = [cam.name for cam in plan.cameras]
         devices = [_joined(Device(plan.package, work / "devices" / name, config), server, name) for name in names]
-        chunks = [np.array_split(np.arange(len(shard)), plan.rounds) for shard in plan.shards]
-        records = [_record(0, 0, devices, server, test)]
+        chunks = [np.array_split(np.arange(len(cam.stream)), plan.rounds) for cam in plan.cameras]
+        records = [_record(0, 0, devices, server, test, own)]
         on_round(records[-1])
         spent = 0
         for r in range(1, plan.rounds + 1):
             devices, given = _label_round(plan, r, chunks, devices, names, server, rng)
             spent += given
             server.aggregate()
-            gate = _refresh(plan, r, spent, devices, server, test)
+            gate = _refresh(plan, r, spent, devices, server, test, own)
             # pull the new global head (and package, if one was published)
             devices = [_synced(device, server, name) for device, name in zip(devices, names)]
-            records.append(_record(r, spent, devices, server, test, refreshed=gate is not None and gate.get("promoted", False), gate=gate))
+            records.append(_record(r, spent, devices, server, test, own, refreshed=gate is not None and gate.get("promoted", False),
+                                   gate=gate))
             on_round(records[-1])
         if mlflow and not server.flush_tracking():
             print("warning: MLflow did not get every round before the server stopped", file=sys.stderr)
@@ -159,20 +198,22 @@ def _label_round(plan: FleetPlan, r: int, chunks: list, devices: list[Device], n
     returns the devices and how many labels were given."""
     out, spent = [], 0
     for i, device in enumerate(devices):
-        frames = [plan.shards[i][j] for j in chunks[i][r - 1]]
-        device, given = _label_and_push(device, frames, plan, rng, server, names[i])
+        cam = plan.cameras[i]
+        frames = [(cam.stream[j], int(j)) for j in chunks[i][r - 1]]
+        device, given = _label_and_push(device, cam, frames, plan, rng, server, names[i])
         out.append(device)
         spent += given
     return out, spent
 
 
-def _label_and_push(device: Device, frames: list[tuple[Path, int]], plan: FleetPlan, rng: np.random.Generator,
-                    server: LocalServer, name: str) -> tuple[Device, int]:
-    """The device predicts its frames, learns the ``plan.budget`` the caregiver picks, saves and syncs."""
+def _label_and_push(device: Device, cam: Camera, frames: list[tuple[tuple[Path, int], int]], plan: FleetPlan,
+                    rng: np.random.Generator, server: LocalServer, name: str) -> tuple[Device, int]:
+    """The device predicts its frames (through its camera's profile), learns the ``plan.budget`` the
+    caregiver picks, saves and syncs."""
     preds, labels = [], []
-    for path, label in frames:
+    for (path, label), j in frames:
         try:
-            preds.append(device.predict(path, enqueue=False))
+            preds.append(device.predict(frame(path, cam.profile, seed=j), enqueue=False))
             labels.append(label)
         except ImageError:
             continue
@@ -186,11 +227,12 @@ def _label_and_push(device: Device, frames: list[tuple[Path, int]], plan: FleetP
     return _synced(device, server, name), given
 
 
-def _refresh(plan: FleetPlan, r: int, spent: int, devices: list[Device], server: LocalServer, test: "TestSet") -> Optional[dict]:
+def _refresh(plan: FleetPlan, r: int, spent: int, devices: list[Device], server: LocalServer, test: "TestSet",
+             own: CameraTests) -> Optional[dict]:
     """After the plan's refresh round, publish the refreshed package; the gate's answer with the scores before."""
     if plan.refresh_package is None or plan.refresh_after != r:
         return None
-    before = _record(r, spent, devices, server, test)
+    before = _record(r, spent, devices, server, test, own)
     return {**publish_refresh(server, plan.refresh_package), "held_out_before": before.global_accuracy,
             "device_accuracy_before": before.device_accuracy}
 
@@ -208,11 +250,11 @@ def _check(report, name: str) -> None:
         raise RuntimeError(f"{name}: sync failed: {report.error}")
 
 
-def _record(r: int, spent: int, devices: list[Device], server: LocalServer, test: TestSet, refreshed: bool = False,
-            gate: Optional[dict] = None) -> RoundRecord:
+def _record(r: int, spent: int, devices: list[Device], server: LocalServer, test: TestSet, own: CameraTests,
+            refreshed: bool = False, gate: Optional[dict] = None) -> RoundRecord:
     head, version, package = _global_head(server)
     ref = devices[0]
     g = test.score(head, ref)
-    return RoundRecord(r, spent, [test.score(d.head, d)["accuracy"] for d in devices], g["accuracy"], g["macro_f1"],
-                       version, package, g["confusion"], refreshed, gate)
+    return RoundRecord(r, spent, [own.accuracy(cam, d) for cam, d in zip(own.cameras, devices)], g["accuracy"],
+                       g["macro_f1"], version, package, g["confusion"], refreshed, gate)
 

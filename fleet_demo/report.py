@@ -59,13 +59,13 @@ def plot(out: Path, arms: dict[str, list[RoundRecord]]) -> list[Path]:
     x = [r.labels_spent for r in recs]
     devs = np.array([r.device_accuracy for r in recs])
     for i in range(devs.shape[1]):
-        ax.plot(x, devs[:, i], lw=0.8, alpha=0.6, ls="--", label=f"camera {i + 1} ({first})")
+        ax.plot(x, devs[:, i], lw=0.8, alpha=0.6, ls="--", label=f"camera {i + 1}, own held-out frames ({first})")
     for r in recs:
         if r.refreshed:
             ax.axvline(r.labels_spent, color="grey", lw=1, ls=":")
             ax.text(r.labels_spent, ax.get_ylim()[0], " refreshed extractor", rotation=90, va="bottom", fontsize=8)
     ax.set_xlabel("caregiver labels spent (whole fleet)")
-    ax.set_ylabel("held-out infant accuracy")
+    ax.set_ylabel("accuracy (global: balanced held-out photos)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

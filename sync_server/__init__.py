@@ -22,6 +22,8 @@ from werkzeug.exceptions import HTTPException
 from infantino.edge_runtime.backoff import backoff_delay
 
 from .aggregate import Strategy, ingest_bound
+from .outage import RETRY_AFTER_S, OutageLog
+from .package_files import FileVerifier, check_package
 from .rounds import RoundPolicy
 from .store import Store, StoreBusy, StoreError, sqlite_url
 
@@ -205,6 +207,19 @@ class ServerState:
             self._wake.clear()
 
 
+def _check_served_files(state: ServerState) -> None:
+    """At start: the served package's files against their sha256 (a mismatch is logged and counted, and
+    the file is refused when asked for)."""
+    try:
+        serving = state.store.serving()
+    except StoreError as exc:
+        log.warning("served package not checked at start: %s", exc)
+        return
+    if serving is not None:
+        check_package(state.files, state.data_dir, serving.folder, serving.package_version, serving.manifest,
+                      serving.manifest_sha256)
+
+
 def create_app(test_config: Optional[dict] = None) -> Flask:
     here = Path(__file__).resolve().parent  # explicit paths: Flask cannot search the editable infantino.* namespace
     app = Flask(__name__, root_path=str(here), instance_path=str(here / "instance"))
@@ -228,11 +243,28 @@ def create_app(test_config: Optional[dict] = None) -> Flask:
     app.register_blueprint(api.bp)
     state.events = metrics.init_app(app, state.store, tracking=state.tracker is not None,
                                     token=app.config.get("METRICS_TOKEN") or None)
+    state.files = FileVerifier(on_mismatch=lambda name: state.events.package_mismatches.labels(name).inc())
+    _check_served_files(state)
+
+    outage = OutageLog()
 
     @app.errorhandler(HTTPException)
     def _json_error(exc: HTTPException):
         reason = (exc.description or exc.name or "").strip().splitlines()
-        return jsonify(error=reason[0] if reason else exc.name, status=exc.code), exc.code
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.code == 503 else {}
+        return jsonify(error=reason[0] if reason else exc.name, status=exc.code), exc.code, headers
+
+    @app.errorhandler(StoreBusy)
+    def _store_busy(exc: StoreBusy):
+        """The database is down or locked: 503 with Retry-After, one log line per outage (outage.py), no traceback."""
+        outage.failed(str(exc))
+        return jsonify(error=f"{exc}; retry later", status=503), 503, {"Retry-After": str(RETRY_AFTER_S)}
+
+    @app.after_request
+    def _store_back(response):
+        if outage.since is not None and response.status_code < 300:
+            outage.ok()
+        return response
 
     @app.errorhandler(413)
     def _too_large(_exc):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import shutil
@@ -22,12 +23,17 @@ from . import crops, models, publish
 from .auth import require
 from .headgate import HeadGateError
 from .names import InvalidName, child_path
+from .package_files import expected_hashes
 from .store import StoreBusy, UpdateRecord
 
+log = logging.getLogger("infantino.server")
 bp = Blueprint("v1", __name__, url_prefix="/v1", root_path=str(Path(__file__).parent))
 
 KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 MAX_METRICS = 32
+# a metric name MLflow takes as it is (its rule: alphanumerics, _ - . space : /, and no path tricks):
+# checked at the door, so one update cannot make every later round unloggable
+METRIC_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$")
 
 
 INT32_MAX = 2**31 - 1  # the store's integer columns
@@ -73,7 +79,7 @@ def health():
         s.store.ping()
         serving = s.store.serving()
     except Exception as exc:  # noqa: BLE001 - health reports, never raises
-        return jsonify(status="unavailable", store=str(exc).splitlines()[0]), 503
+        return jsonify(status="unavailable", store=str(exc).splitlines()[0]), 503, {"Retry-After": "5"}
     return jsonify(status="ok", api="v1", serving=None if serving is None else
                    {"package_version": serving.package_version, "head_version": serving.head_version})
 
@@ -106,6 +112,10 @@ def model_file(name: str):
         head = s.store.head(head_version)
         if head is None:
             abort(404, f"no global head version {head_version}")
+        if hashlib.sha256(head.blob).hexdigest() != head.sha256:
+            log.error("global head %d does not match its sha256 in the store; not served", head_version)
+            s.events.package_mismatches.labels(name).inc()
+            abort(503, f"global head {head_version} fails its checksum on the server; the operator has been told")
         resp = current_app.response_class(head.blob, mimetype=wire.CONTENT_TYPE)
         resp.set_etag(head.sha256)
         resp.headers["Cache-Control"] = "private, max-age=31536000, immutable"
@@ -115,9 +125,7 @@ def model_file(name: str):
     pkg = s.store.package(version)
     if pkg is None:
         abort(404, f"no package version {version!r}")
-    manifest = json.loads(pkg["manifest"])
-    hashes = {entry["path"]: entry["sha256"] for entry in manifest["files"].values()}
-    hashes["manifest.json"] = pkg["manifest_sha256"]
+    hashes = expected_hashes(json.loads(pkg["manifest"]), pkg["manifest_sha256"])
     if name not in hashes:
         abort(404, f"package {version} has no file {name!r}; it has {', '.join(sorted(hashes))}")
     try:
@@ -126,6 +134,8 @@ def model_file(name: str):
         abort(404, f"package {version} has no file {name[:80]!r}")
     if not path.is_file():
         abort(404, f"file {name} of package {version} is missing on the server")
+    if not s.files.matches(path, hashes[name], f"{name} of package {version}"):
+        abort(503, f"file {name} of package {version} fails its sha256 on the server and is not served; the operator has been told")
     resp = send_file(path, mimetype="application/octet-stream", etag=hashes[name], conditional=True, max_age=31536000)
     resp.headers["X-Infantino-Package"] = version
     return resp
@@ -164,12 +174,15 @@ def _check_metrics(metrics) -> dict[str, float]:
         refuse(400, "malformed", f"meta.metrics must be an object with at most {MAX_METRICS} entries")
     out = {}
     for k, v in metrics.items():
+        if not METRIC_NAME_RE.match(k):
+            refuse(422, "metrics", f"metric name {k[:64]!r} must be 1-64 characters of A-Z a-z 0-9 _ . : - "
+                                   "(starting with a letter, digit or _)")
         try:
-            ok = len(k) <= 64 and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         except OverflowError:  # an integer beyond float range
             ok = False
         if not ok:
-            refuse(422, "metrics", f"metric {k[:64]!r} must be a finite number with a name of at most 64 characters")
+            refuse(422, "metrics", f"metric {k!r} must be a finite number")
         out[k] = float(v)
     return out
 
@@ -245,7 +258,7 @@ def _read_update(cfg) -> tuple[bytes, dict, dict]:
     body = _read_body(cfg["MAX_UPDATE_BYTES"])
     if not body:
         refuse(400, "malformed", "empty body; send the update as an npz (infantino.edge_runtime.wire.encode_update)")
-    raw_meta, arrays = _decode(body, max_inflated=cfg["MAX_UPDATE_BYTES"] * 4)
+    raw_meta, arrays = _decode(body, max_inflated=cfg["MAX_UPDATE_BYTES"])  # never more than the body's own limit
     meta = _check_meta(raw_meta, cfg)
     client = g.client
     if meta["device"] != client.name:
@@ -333,7 +346,7 @@ def post_crops():
     serving = _served()
     limit = int(current_app.config["MAX_CROP_BYTES"])
     body = _read_body(limit)
-    meta, arrays = _decode(body, max_entries=4, max_inflated=limit * 4)
+    meta, arrays = _decode(body, max_entries=4, max_inflated=limit)
     try:
         batch = crops.check_batch(meta, arrays, g.client.name, tuple(serving.manifest["input"]["size"]),
                                   list(serving.manifest["classes"]))

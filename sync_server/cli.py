@@ -10,10 +10,10 @@
 
 Every subcommand takes ``--data-dir`` / ``--db-url`` / ``--mlflow-uri`` (or the
 ``INFANTINO_DATA_DIR`` / ``INFANTINO_DB_URL`` / ``INFANTINO_MLFLOW_URI`` variables).
-On a store that serves nothing yet, ``run`` first promotes the release package shipped in the
-repository's ``data/models`` (or ``--default-package`` / ``$INFANTINO_DEFAULT_PACKAGE``), so a
-fresh server answers devices with a model. Bad input: one line on stderr, exit 1; ``-v`` adds
-the traceback.
+On a store that serves nothing yet, ``run`` first promotes ``--default-package`` /
+``$INFANTINO_DEFAULT_PACKAGE``, else ``./data/models``, else the release installed with this
+code (the wheel's bundled device files), so a fresh server answers devices with a model. Bad
+input: one line on stderr, exit 1; ``-v`` adds the traceback.
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ from infantino.edge_runtime.clitools import OneLineParser, add_verbose, run_comm
 
 PROG = "infantino-server"
 DEFAULT_PACKAGE_ENV = "INFANTINO_DEFAULT_PACKAGE"
-REPO_PACKAGE = Path(__file__).resolve().parents[1] / "data" / "models"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -85,12 +84,21 @@ def parse_strategy(text: str) -> dict:
     return value
 
 
+def _installed_release() -> Path:
+    """``./data/models`` when run beside one, else the release this install ships (no checkout assumed)."""
+    from infantino.edge_runtime.release import bundled_model_dir
+
+    here = Path("data/models")
+    return here.resolve() if here.is_dir() else (bundled_model_dir() or here)
+
+
 def default_package(args: argparse.Namespace) -> Optional[Path]:
     """The package a fresh store serves: ``--default-package``, ``$INFANTINO_DEFAULT_PACKAGE``
-    (``off`` for none), else the repository's ``data/models``; None when turned off."""
+    (``off`` for none), else ``./data/models``, else the release installed with this code
+    (``edge_runtime.release``); None when turned off."""
     if args.no_default_package:
         return None
-    chosen = args.default_package or os.environ.get(DEFAULT_PACKAGE_ENV) or str(REPO_PACKAGE)
+    chosen = args.default_package or os.environ.get(DEFAULT_PACKAGE_ENV) or str(_installed_release())
     return None if chosen.strip().lower() == "off" else Path(chosen)
 
 
@@ -362,7 +370,7 @@ def _add_run(sub) -> None:
     r.add_argument("--access-log", action="store_true")
     r.add_argument("--dev", action="store_true", help="werkzeug's threaded development server instead of gunicorn")
     r.add_argument("--default-package", metavar="DIR", help=f"package a store that serves nothing yet starts with "
-                                                           f"(default: ${DEFAULT_PACKAGE_ENV} or {REPO_PACKAGE})")
+                                                           f"(default: ${DEFAULT_PACKAGE_ENV}, else ./data/models, else the installed release)")
     r.add_argument("--no-default-package", action="store_true",
                    help="start with nothing served: devices get 503 until `promote`")
     r.set_defaults(func=cmd_run)

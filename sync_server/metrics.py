@@ -35,6 +35,8 @@ class Events:
         self.registry = CollectorRegistry()
         self.updates = Counter("infantino_update_requests", "POST /v1/updates answers by outcome and refusal reason",
                                ["outcome", "reason"], registry=self.registry)
+        self.package_mismatches = Counter("infantino_package_file_mismatches", "Package files found not to match their "
+                                          "manifest sha256 (not served), per worker that noticed", ["file"], registry=self.registry)
         self.latency = Histogram("infantino_request_duration_seconds", "Request latency by endpoint",
                                  ["endpoint", "method"], buckets=LATENCY_BUCKETS, registry=self.registry)
 
@@ -88,6 +90,8 @@ def _tracking(outbox: dict) -> Iterator[Metric]:
                             value=outbox["pending"])
     age = 0.0 if outbox["oldest"] is None else max(0.0, time.time() - outbox["oldest"])
     yield GaugeMetricFamily("infantino_tracking_outbox_oldest_seconds", "Age of the oldest record waiting for MLflow", value=age)
+    yield GaugeMetricFamily("infantino_tracking_outbox_dead", "Records set aside because they can never be logged (dead letters)",
+                            value=outbox.get("dead", 0))
     error = GaugeMetricFamily("infantino_tracking_last_error", "1 while the oldest waiting record failed to log (its error)",
                               labels=["error"])
     if outbox["last_error"]:

@@ -84,9 +84,10 @@ def promote_package(store: st.Store, data_dir: Path, package_dir: Path) -> dict:
     except PackageError as exc:
         raise PromoteError(str(exc)) from None
     m = pkg.manifest
-    for role in ("extractor", "head"):
-        if not pkg.has(role):
-            raise PromoteError(f"package {m.version} has no {role} file")
+    if not pkg.has("head"):
+        raise PromoteError(f"package {m.version} has no head file")
+    if not (pkg.has("extractor") or pkg.has("extractor_int8")):  # a device bundle (the wheel's) ships int8 only
+        raise PromoteError(f"package {m.version} has no extractor file")
     try:
         head = OnlineHead.load(pkg.path("head"))
     except HeadFormatError as exc:
@@ -95,9 +96,9 @@ def promote_package(store: st.Store, data_dir: Path, package_dir: Path) -> dict:
         raise PromoteError(f"bootstrap head classes {head.classes} differ from the manifest's {m.classes}")
     if head.input_dim != m.embedding_dim:
         raise PromoteError(f"bootstrap head takes {head.input_dim}-d embeddings; the extractor makes {m.embedding_dim}-d ones")
-    _check_extractor_dim(pkg.path("extractor"), m.embedding_dim)
-    if pkg.has("extractor_int8"):
-        _check_extractor_dim(pkg.path("extractor_int8"), m.embedding_dim)
+    for role in ("extractor", "extractor_int8"):
+        if pkg.has(role):
+            _check_extractor_dim(pkg.path(role), m.embedding_dim)
 
     manifest_sha = sha256_file(package_dir / MANIFEST)
     files = [MANIFEST] + [entry["path"] for entry in m.files.values()]

@@ -4,7 +4,10 @@ Promotions, rounds and publish decisions write a ``tracking_outbox`` row inside 
 transaction; one background thread per process drains them. A lease in the store lets
 only one process drain at a time; the first failure stops a pass (order matters), keeps
 the error on the row and the worker retries with jittered exponential backoff
-(``infantino.edge_runtime.backoff``). The worker knows nothing of what recording means:
+(``infantino.edge_runtime.backoff``), unless the recorder's ``permanent(exc)`` says the row
+itself can never be recorded (MLflow refusing a value, a row whose data is gone): that row
+is set aside as a dead letter (done, its error kept, counted in ``status`` and ``/metrics``)
+and the pass carries on, so one poison row delays the others by nothing but itself. The worker knows nothing of what recording means:
 ``record(item)`` does it (``tracking.MlflowRecorder``), ``after_pass()`` runs after a pass
 that recorded something.
 """
@@ -26,6 +29,15 @@ log = logging.getLogger("infantino.server")
 Record = Callable[[dict], None]
 
 
+def never(_exc: BaseException) -> bool:
+    return False
+
+
+def _dead(n: int) -> dict:
+    """``{"dead": n}`` for a pass that set rows aside, nothing otherwise."""
+    return {"dead": n} if n else {}
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     lease: str = "tracking"  # the store lease that makes one process the drainer
@@ -43,9 +55,10 @@ def one_line(exc: BaseException) -> str:
 
 class OutboxWorker:
     def __init__(self, store: st.Store, record: Record, *, after_pass: Optional[Callable[[], None]] = None,
-                 settings: WorkerSettings = WorkerSettings()):
+                 settings: WorkerSettings = WorkerSettings(), permanent: Callable[[BaseException], bool] = never):
         self.store = store
         self.record = record
+        self.permanent = permanent  # whether a recorder's error is the row's own (set aside) rather than the backend's
         self.after_pass = after_pass
         self.settings = settings
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -117,29 +130,42 @@ class OutboxWorker:
 
     def _pass(self, max_items: int, lease_s: float) -> dict:
         """One pass under the lease: each pending row recorded and marked done, the lease renewed."""
-        logged = 0
+        logged = dead = 0
         try:
             pending = self.store.pending_outbox(max_items)
             for item in pending:
                 try:
                     self.record(item)
                 except Exception as exc:  # noqa: BLE001 - a recorder's errors are many and varied
-                    self.last_error = one_line(exc)
-                    log.warning("%s of %s %s failed (will retry): %s", self.settings.what, item["kind"], item["ref"],
-                                self.last_error)
-                    self.store.outbox_failed(item["id"], self.last_error)
-                    return {"logged": logged, "error": self.last_error, "pending": len(pending) - logged}
+                    error = one_line(exc)
+                    if self._is_permanent(exc):
+                        log.warning("%s of %s %s set aside (it can never succeed; dead letter): %s", self.settings.what,
+                                    item["kind"], item["ref"], error)
+                        self.store.outbox_dead(item["id"], error)
+                        dead += 1
+                        continue
+                    self.last_error = error
+                    log.warning("%s of %s %s failed (will retry): %s", self.settings.what, item["kind"], item["ref"], error)
+                    self.store.outbox_failed(item["id"], error)
+                    return {"logged": logged, **_dead(dead), "error": error, "pending": len(pending) - logged - dead}
                 self.store.outbox_done(item["id"])
                 logged += 1
                 self.store.acquire_lease(self.settings.lease, self.owner, lease_s)
             if logged and self.after_pass is not None:  # only after a change on the server
                 self.after_pass()
             self.last_error = None
-            return {"logged": logged}
+            return {"logged": logged, **_dead(dead)}
         except Exception as exc:  # noqa: BLE001
             self.last_error = one_line(exc)
-            return {"logged": logged, "error": self.last_error}
+            return {"logged": logged, **_dead(dead), "error": self.last_error}
+
+    def _is_permanent(self, exc: BaseException) -> bool:
+        try:
+            return bool(self.permanent(exc))
+        except Exception:  # noqa: BLE001 - a classifier that fails: treat as the backend's, retry
+            return False
 
     def status(self) -> dict:
         pending = self.store.pending_outbox(1000)
-        return {"pending": len(pending), "last_error": self.last_error or (pending[0]["last_error"] if pending else None)}
+        return {"pending": len(pending), "dead": self.store.dead_outbox(),
+                "last_error": self.last_error or (pending[0]["last_error"] if pending else None)}

@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from infantino.edge_runtime.head import OnlineHead
 
@@ -50,6 +50,12 @@ from .names import InvalidName, check_device_name
 def hash_token(token: str) -> str:
     # Tokens are 256-bit random strings, so a plain digest is enough (no password stretching).
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _reason(exc: Exception) -> str:
+    """The driver's first line (psycopg2: "connection to server ... failed: Connection refused")."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def sqlite_url(path: str | os.PathLike) -> str:
@@ -88,11 +94,14 @@ class Store:
     def read(self) -> Iterator[Connection]:
         """Reads. On SQLite each statement runs on its own (no BEGIN/COMMIT round trips): WAL
         gives every statement a consistent snapshot and no caller needs two statements to agree."""
-        with self.engine.connect() as conn:
-            if self.is_sqlite:
-                conn.execution_options(infantino_autocommit=True)
-            with conn.begin():
-                yield conn
+        try:
+            with self.engine.connect() as conn:
+                if self.is_sqlite:
+                    conn.execution_options(infantino_autocommit=True)
+                with conn.begin():
+                    yield conn
+        except (OperationalError, InterfaceError) as exc:  # down, restarting, a dropped connection: retry later
+            raise StoreBusy(f"database unavailable: {_reason(exc)}") from exc
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
@@ -102,8 +111,8 @@ class Store:
                 conn.execution_options(infantino_write=True)
                 with conn.begin():
                     yield conn
-        except OperationalError as exc:
-            raise StoreBusy(f"database unavailable or locked: {str(exc.orig).splitlines()[0] if exc.orig else exc}") from exc
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreBusy(f"database unavailable or locked: {_reason(exc)}") from exc
 
     @contextlib.contextmanager
     def _reading(self, conn: Optional[Connection]) -> Iterator[Connection]:
@@ -315,6 +324,14 @@ class Store:
     def outbox_failed(self, item_id: int, error: str) -> None:
         with self.write() as conn:
             bk.outbox_failed(conn, item_id, error)
+
+    def outbox_dead(self, item_id: int, error: str) -> None:
+        with self.write() as conn:
+            bk.outbox_dead(conn, item_id, error, time.time())
+
+    def dead_outbox(self) -> int:
+        with self.read() as conn:
+            return bk.dead_outbox(conn)
 
     def set_mlflow_version(self, table: str, key, version: str) -> None:
         with self.write() as conn:

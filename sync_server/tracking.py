@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -93,15 +95,43 @@ def _already_exists(exc: BaseException) -> bool:
     return isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_ALREADY_EXISTS"
 
 
+_NAME_BAD = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+def mlflow_name(name: object) -> str:
+    """A metric or param name MLflow accepts (alphanumerics _ . : -, no path tricks), at most 250 characters:
+    rows stored before names were checked at the door still log."""
+    text = _NAME_BAD.sub("_", str(name))[:250]
+    return text if text and not text.startswith((".", "/")) else f"_{text}"[:250]
+
+
+def _finite(v: object) -> bool:
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an integer beyond float range
+        return False
+
+
 def _numeric(d: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+    return {mlflow_name(k): float(v) for k, v in d.items() if _finite(v)}
 
 
 def tracking_worker(store: st.Store, recorder: "MlflowRecorder", poll_s: float = 5.0,
                     max_backoff_s: float = 120.0) -> OutboxWorker:
     """The outbox worker that drains into ``recorder`` and then moves the aliases."""
-    return OutboxWorker(store, recorder.record, after_pass=recorder.sync_aliases,
+    return OutboxWorker(store, recorder.record, after_pass=recorder.sync_aliases, permanent=permanent_error,
                         settings=WorkerSettings(lease=LEASE, poll_s=poll_s, max_backoff_s=max_backoff_s))
+
+
+def permanent_error(exc: BaseException) -> bool:
+    """An error of the row itself, which no retry fixes: MLflow refusing a value (a name, a param
+    that changed), or our own reading of the row failing (its data gone or malformed). MLflow
+    down, slow or refusing the connection, and the store busy, are retried instead."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code == "INVALID_PARAMETER_VALUE"
+    return isinstance(exc, (ValueError, KeyError, TypeError))
 
 
 class MlflowRecorder:
@@ -269,7 +299,7 @@ class MlflowRecorder:
         strategy = json.loads(agg["strategy"])
         served = agg["new_head_version"] != agg["base_head_version"]
         if not run.data.params:
-            params = {f"strategy.{k}": v for k, v in strategy.items()}
+            params = {mlflow_name(f"strategy.{k}"): v for k, v in strategy.items()}
             params.update(k=agg["k"], package_version=agg["package_version"], base_head_version=agg["base_head_version"],
                           new_head_version=agg["new_head_version"], aggregation_id=agg_id)
             ts = int(agg["created_at"] * 1000)

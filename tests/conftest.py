@@ -64,16 +64,29 @@ def tiny_package_dir(tmp_path_factory) -> Path:
     return build_tiny_package(tmp_path_factory.mktemp("pkg") / "model")
 
 
+def source_files() -> list[str]:
+    """The files a commit of this working tree holds (tracked, plus untracked that git does not
+    ignore), relative to the repository; without git, every file outside caches and build output."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                             capture_output=True, check=True, timeout=60).stdout.decode()
+        return sorted(f for f in set(out.split("\0")) if f and (REPO / f).is_file())
+    except (OSError, subprocess.CalledProcessError):
+        skip = {"__pycache__", ".git", "build", "dist", ".pytest_cache"}
+        return sorted(str(p.relative_to(REPO)) for p in REPO.rglob("*")
+                      if p.is_file() and not skip & set(p.relative_to(REPO).parts) and ".egg-info" not in str(p))
+
+
 @pytest.fixture(scope="session")
 def built_wheel(tmp_path_factory) -> Path:
     """The project built as a user's ``pip install .`` builds it (non-editable), from a copy of
-    the sources, so that what the wheel holds is what pyproject.toml says, not the checkout."""
+    what a clean checkout holds (``source_files``), so that what the wheel holds is what
+    pyproject.toml and setup.py derive from the tree, not the checkout's build leftovers."""
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
-    for name in ("edge_runtime", "export", "sync_server", "fleet_demo"):
-        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "instance"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copyfile(REPO / name, src / name)
+    for rel in source_files():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / rel, src / rel)
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp / "dist")], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp / "dist").glob("*.whl")

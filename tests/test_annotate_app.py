@@ -188,3 +188,20 @@ def test_the_cli_has_an_annotate_command_that_loads_flask_only_when_run(capsys):
     assert (args.host, args.port, args.token, args.func.__name__) == ("0.0.0.0", 9000, "1234", "run_annotate")
     defaults = build_parser().parse_args(["annotate"])
     assert (defaults.host, defaults.port) == ("127.0.0.1", 8765)
+
+
+def test_json_nested_beyond_a_few_levels_is_400_not_500(app):
+    # Prepare: 3 KB nested 1,500 deep (issue 20: RecursionError, 500), and nesting hidden in strings
+    client = app.test_client()
+    csrf = _csrf(client)
+    headers = {"X-CSRF-Token": csrf, "Content-Type": "application/json"}
+    deep = '{"id": "x", "label": ' + "[" * 1500 + "]" * 1500 + "}"
+    in_string = '{"id": "' + "[" * 1500 + '", "label": "sad"}'
+    # Execute / Assert
+    for path in ("/api/label", "/api/dismiss"):
+        r = client.post(path, data=deep, headers=headers)
+        assert r.status_code == 400 and "nested" in r.json["error"]
+        r = client.post(path, data='{"id": {"a": {"b": {"c": {"d": 1}}}}}', headers=headers)
+        assert r.status_code == 400
+    r = client.post("/api/label", data=in_string, headers=headers)  # brackets inside a string are not nesting
+    assert r.status_code in (400, 404) and "nested" not in r.json["error"]

@@ -119,7 +119,7 @@ def test_mlflow_down_keeps_updates_and_logs_them_when_it_is_back(tracked, tmp_pa
     mlflow_dir.mkdir()
     shutil.copyfile(module_state.mlflow_uri.removeprefix("sqlite:///"), mlflow_dir / "mlflow.db")
     assert s.tracker.drain() == {"logged": 2}
-    assert s.tracker.status() == {"pending": 0, "last_error": None}
+    assert s.tracker.status() == {"pending": 0, "dead": 0, "last_error": None}
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(s.mlflow_uri)

@@ -42,7 +42,7 @@ def test_rows_are_recorded_in_order_and_a_failure_stops_the_pass(store):
     # Assert: "c" waits behind the failed "b"; the error is kept on the row, one line
     assert first == {"logged": 1, "error": "RuntimeError: tracking server said no", "pending": 2}
     assert second == {"logged": 2} and seen == ["a", "b", "b", "c"] and passes == [1]  # aliases move after a whole pass
-    assert worker.status() == {"pending": 0, "last_error": None}
+    assert worker.status() == {"pending": 0, "dead": 0, "last_error": None}
 
 
 def test_another_process_holding_the_lease_is_left_alone(store):

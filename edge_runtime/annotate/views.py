@@ -12,6 +12,7 @@ from ..preprocess import ImageError
 from ..state import StateConflict, StateError
 from ..state_lock import StateLockTimeout
 from ..sync.state import managed_model_dir
+from .bodies import BodyError, json_object
 
 bp = Blueprint("annotate", __name__, root_path=str(Path(__file__).parent))
 
@@ -35,13 +36,14 @@ def _follow(device) -> None:
 def _status(device) -> dict[str, Any]:
     s = device.status()
     return {"head_version": s["head_version"], "generation": s["generation"], "queue": s["queue"],
-            "counters": s["counters"], "package_version": s["package_version"]}
+            "counters": s["counters"], "package_version": s["package_version"], "camera": s["camera"]}
 
 
 def _body() -> tuple[str, dict[str, Any]]:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        abort(400, "send a JSON object")
+    try:
+        body = json_object(request.get_data(cache=True))
+    except BodyError as exc:
+        abort(400, str(exc))
     item_id = body.get("id")
     if not isinstance(item_id, str):
         abort(400, "give the frame's id")

@@ -23,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 
+from .. import safe_npz
 from ..atomic import atomic_write_bytes, atomic_write_text
 from .transport import SyncError
 
@@ -63,7 +64,7 @@ class SyncState:
     # ------------------------------------------------------------ reference points
     @staticmethod
     def _read(path: Path) -> RefPoint:
-        with np.load(path, allow_pickle=False) as npz:
+        with safe_npz.load(path) as npz:
             meta = json.loads(str(npz["ref_meta"]))
             n = int(meta["n_layers"])
             layers = [np.array(npz[f"ref_{i}"]) for i in range(n)]
@@ -114,7 +115,7 @@ class SyncState:
 
     @staticmethod
     def body(path: Path) -> bytes:
-        with np.load(path, allow_pickle=False) as npz:
+        with safe_npz.load(path) as npz:
             return npz["body"].tobytes()
 
     def mark_sent(self, path: Path) -> None:

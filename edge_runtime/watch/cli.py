@@ -1,8 +1,9 @@
 """The ``watch`` subcommand's options and its run (the parser itself lives in ``infantino.edge_runtime.cli``).
 
 Exit codes: 0 at the end of a file or folder, or after SIGTERM / SIGINT; 2 when SOURCE
-cannot be opened (one line on stderr); 1 for any other error, as every ``infantino-edge``
-command.
+cannot be opened (one line on stderr); 3 when a video file ends before the frames its header
+states (truncated or damaged; a warning line says how many arrived); 1 for any other error,
+as every ``infantino-edge`` command.
 """
 from __future__ import annotations
 

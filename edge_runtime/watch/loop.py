@@ -6,6 +6,10 @@ the timeline. Between two frames: notice a package that sync switched the device
 place, ``Device.switch_package``), write the status every ``status_every_s``. The reader, sync and alert hook
 run in their own threads; nothing here waits on the network or on a camera.
 
+Frames that cannot be read (unreadable, truncated, oversized) are skipped, each a warning
+line, a timeline line and a count in the status (``skipped``); a video file that ends before
+the frame count its header states makes ``run`` return ``INCOMPLETE_EXIT``.
+
 SIGTERM / SIGINT finish the frame in flight, then the loop closes the timeline, saves the
 state, syncs once more (bounded by ``exit_sync_timeout_s``) and returns 0. A second signal
 skips that last sync. A kill -9 loses at most the frame in flight: every timeline line is
@@ -41,6 +45,7 @@ from .timeline import Timeline
 
 log = logging.getLogger("infantino.edge_runtime.watch")
 RUN_LOCK = ".watch.lock"
+INCOMPLETE_EXIT = 3  # a file source ended before the frames it states: the run is not a clean end
 
 
 class WatchBusy(RuntimeError):
@@ -103,13 +108,14 @@ class Watch:
                 self._shutdown()
         if self.reader.error is not None:
             raise self.reader.error
-        return 0
+        return INCOMPLETE_EXIT if self.reader.stats.ended_early else 0
 
     def _loop(self) -> None:
         every = self.settings.status_every_s
         next_status = time.monotonic() + every
         while True:
             self._follow_package()
+            self._record_skips()
             frame = self.slot.take(timeout_s=0.5)
             if frame is not None:
                 self._analyse(frame)
@@ -139,6 +145,13 @@ class Watch:
         if event is not None:
             self._on_event(event, pred.label)
 
+    def _record_skips(self) -> None:
+        """Frames the reader could not read: into the timeline and the status count."""
+        while self.reader.skips:
+            t, why = self.reader.skips.popleft()
+            self.timeline.record_skip(t, why)
+            self.board.skipped += 1
+
     def _predict(self, image: Any) -> Any:
         """``Device.predict``; after another process moved the state folder to another package, on that one."""
         try:
@@ -148,6 +161,7 @@ class Watch:
             return self.device.predict(image, enqueue=False)
         except (ImageError, StateLockTimeout) as exc:
             log.warning("frame skipped: %s", exc)
+            self.board.skipped += 1
             return None
 
     def _on_event(self, event: DistressEvent, label: str) -> None:
@@ -190,7 +204,8 @@ class Watch:
     def _report(self) -> dict:
         rec = self.board.report(queue=len(self.device.queue), dropped=self.slot.dropped, alert_active=self.monitor.active,
                                 package=self.device.package.version, head_version=self.device.head.version, swaps=self.swaps,
-                                source=self.source.spec.describe(), sync=self.sync.status.to_dict() if self.sync else None)
+                                source=self.source.spec.describe(), sync=self.sync.status.to_dict() if self.sync else None,
+                                camera=self.device.learner.camera.summary(self.device.classes))
         write_status_file(self.folder, rec)
         print(json.dumps(rec) if self.settings.json else human(rec), file=self.out, flush=True)
         return rec
@@ -198,6 +213,7 @@ class Watch:
     def _shutdown(self) -> None:
         self.stop.set()
         self.reader.join(timeout=10)
+        self._record_skips()
         self.timeline.close()
         try:
             self.device.save()  # prediction counts; labels were saved as they came

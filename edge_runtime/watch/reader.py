@@ -9,6 +9,7 @@ frames; at the end they stop the watch, or start over with ``loop``.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -37,9 +38,14 @@ class Frame:
 class ReaderStats:
     grabbed: int = 0  # frames the source delivered
     sampled: int = 0  # frames handed to the loop
-    undecodable: int = 0
+    undecodable: int = 0  # sampled frames that could not be read (unreadable, truncated, oversized)
     reconnects: int = 0
     passes: int = 0  # times a file or folder was played to its end
+    ended_early: Optional[str] = None  # a file that delivered fewer frames than its header states
+
+
+WARN_FIRST = 10  # skipped frames logged one by one; after that every ``WARN_EVERY``-th, with the count
+WARN_EVERY = 100
 
 
 class Reader(threading.Thread):
@@ -53,6 +59,7 @@ class Reader(threading.Thread):
         self.backoff = backoff or Backoff(base_s=1.0, max_s=60.0)
         self.stats = ReaderStats()
         self.error: Optional[BaseException] = None
+        self.skips: collections.deque[tuple[float, str]] = collections.deque(maxlen=1024)  # (t, why) for the timeline
 
     def run(self) -> None:
         try:
@@ -67,10 +74,15 @@ class Reader(threading.Thread):
         self.slot.put(Frame(image, t, grabbed, self.stats.sampled))
         self.stats.sampled += 1
 
-    def _decoded(self) -> Optional[np.ndarray]:
+    def _decoded(self, t: float) -> Optional[np.ndarray]:
         image = self.source.retrieve()
         if image is None:
             self.stats.undecodable += 1
+            why = getattr(self.source, "last_error", None) or "frame cannot be decoded"
+            self.skips.append((t, why))
+            n = self.stats.undecodable
+            if n <= WARN_FIRST or n % WARN_EVERY == 0:
+                log.warning("frame skipped (%d so far): %s", n, why)
         return image
 
     # ------------------------------------------------------------ files and folders
@@ -83,6 +95,8 @@ class Reader(threading.Thread):
             if not self.source.grab():
                 if in_pass == 0:
                     raise SourceError(f"{self.source.spec.describe()} holds no frame that can be read")
+                if self.stats.passes == 0:
+                    self._check_complete(in_pass)
                 self.stats.passes += 1
                 if not self.loop:
                     return
@@ -102,9 +116,17 @@ class Reader(threading.Thread):
             elif self.stop.wait(max(0.0, mono0 + pos - time.monotonic())):  # real time: until the frame's moment
                 return
             grabbed = time.monotonic()
-            image = self._decoded()
+            image = self._decoded(wall0 + pos)
             if image is not None:
                 self._hand_over(image, wall0 + pos, grabbed)
+
+    def _check_complete(self, delivered: int) -> None:
+        """A video file that stops before the frame count its header states is truncated or damaged:
+        say so (the watch then exits non-zero). A 2 % margin for containers that estimate the count."""
+        expected = getattr(self.source, "expected_frames", lambda: None)() if self.source.spec.kind == "file" else None
+        if expected and delivered + max(1, expected // 50) < expected:
+            self.stats.ended_early = f"{self.source.spec.describe()} ended after {delivered} of the {expected} frames it states"
+            log.warning("%s (truncated or damaged)", self.stats.ended_early)
 
     # ------------------------------------------------------------ cameras and streams
     def _live(self) -> None:
@@ -118,7 +140,7 @@ class Reader(threading.Thread):
             now = time.monotonic()
             if not sampler.due(now):
                 continue
-            image = self._decoded()
+            image = self._decoded(time.time())
             if image is not None:
                 self._hand_over(image, time.time(), now)
 

@@ -83,7 +83,8 @@ class FrameSource(Protocol):
     def open(self) -> None: ...
     def grab(self) -> bool: ...
     def position_s(self) -> Optional[float]: ...
-    def retrieve(self) -> Optional[np.ndarray]: ...
+    def retrieve(self) -> Optional[np.ndarray]: ...  # None: the frame cannot be read; ``last_error`` says why
+    def expected_frames(self) -> Optional[int]: ...  # what a file says it holds (None: unknown, or live)
     def close(self) -> None: ...
 
 
@@ -108,6 +109,7 @@ class CaptureSource:
         self.cv2 = _cv2(verbose)
         self.cap: Any = None
         self.fps: Optional[float] = None
+        self.last_error: Optional[str] = None
         self._index = -1
         self._last_pos = -1.0
 
@@ -144,9 +146,17 @@ class CaptureSource:
         self._last_pos = pos
         return pos
 
+    def expected_frames(self) -> Optional[int]:
+        """The frame count a video file's header states (a truncated file delivers fewer)."""
+        if self.spec.live or self.cap is None:
+            return None
+        n = self.cap.get(self.cv2.CAP_PROP_FRAME_COUNT)
+        return int(n) if n and 0 < n < 1e9 else None
+
     def retrieve(self) -> Optional[np.ndarray]:
         ok, bgr = self.cap.retrieve()
         if not ok or bgr is None:
+            self.last_error = f"frame {self._index} of {self.spec.describe()} cannot be decoded"
             return None
         if bgr.ndim == 2:
             return self.cv2.cvtColor(bgr, self.cv2.COLOR_GRAY2RGB)
@@ -165,6 +175,7 @@ class FolderSource:
         self.spec = spec
         self.fps = fps
         self.files: list[Path] = []
+        self.last_error: Optional[str] = None
         self._index = -1
 
     def open(self) -> None:
@@ -189,10 +200,17 @@ class FolderSource:
     def retrieve(self) -> Optional[np.ndarray]:
         from ..preprocess import ImageError, decode_rgb
 
+        path = self.files[self._index]
         try:
-            return decode_rgb(self.files[self._index])  # the device's guarded decode: no decompression bombs
-        except (ImageError, OSError):
-            return None
+            return decode_rgb(path)  # the device's guarded decode: no decompression bombs
+        except ImageError as exc:  # unreadable, truncated or oversized (the message names the file)
+            self.last_error = str(exc)
+        except OSError as exc:
+            self.last_error = f"{path.name}: {exc.strerror or exc}"
+        return None
+
+    def expected_frames(self) -> Optional[int]:
+        return len(self.files)
 
     def close(self) -> None:
         self._index = -1

@@ -36,6 +36,7 @@ class StatusBoard:
 
     def __init__(self, latency_window: int = 2048):
         self.frames = self.faces = self.queued = self.alerts = 0
+        self.skipped = 0  # frames that could not be read or analysed (each one a warning line and a timeline line)
         self._interval_frames = self._interval_faces = 0
         self._interval_start = time.monotonic()
         self.started = time.time()
@@ -64,7 +65,8 @@ class StatusBoard:
         span = max(now - self._interval_start, 1e-9)
         rec = {"type": "status", "t": round(time.time(), 2), "fps": round(self._interval_frames / span, 2),
                "face_share": round(self._interval_faces / self._interval_frames, 3) if self._interval_frames else None,
-               "frames": self.frames, "faces": self.faces, "queued": self.queued, "alerts": self.alerts, "last": self.last,
+               "frames": self.frames, "faces": self.faces, "queued": self.queued, "alerts": self.alerts,
+               "skipped": self.skipped, "last": self.last,
                "latency_ms": self.latency_ms(), "rss_mb": round(rss_mb(), 1), **extra}
         self._interval_frames = self._interval_faces = 0
         self._interval_start = now
@@ -85,8 +87,12 @@ def human(rec: dict) -> str:
         sync_txt = f"sync {when} " + ("ok" if not sync.get("error") else f"failed ({sync.get('pending', 0)} waiting)")
     lat = rec.get("latency_ms", {}).get("p50")
     parts = [f"{rec['fps']:.1f} fps", f"faces {face}", f"last {last['label']} {last['p']:.2f}" if last else "last -",
-             f"queue {rec.get('queue', '?')}", sync_txt, f"dropped {rec.get('dropped', 0)}",
+             f"queue {rec.get('queue', '?')}", sync_txt, f"dropped {rec.get('dropped', 0)}", f"skipped {rec.get('skipped', 0)}",
              f"latency {lat:.0f} ms" if lat is not None else "latency -", f"{rec['rss_mb']:.0f} MB"]
+    cam = rec.get("camera")
+    if cam and cam.get("level") not in (None, "shared"):
+        top = max(cam["prior"], key=cam["prior"].get)
+        parts.append(f"camera mix learned ({sum(cam['labels'].values())} labels, mostly {top} {cam['prior'][top]:.0%})")
     if rec.get("alert_active"):
         parts.append("DISTRESS ALERT ACTIVE")
     return "watch: " + ", ".join(parts)

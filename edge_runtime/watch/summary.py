@@ -46,6 +46,7 @@ class MinuteSummary:
         self.valence_counts = [0] * len(VALENCE_NAMES)
         self.alerts = 0
         self.queued = 0
+        self.skipped = 0  # sampled frames that could not be read
 
     def add(self, label_index: Optional[int], queued: bool = False) -> None:
         """One analysed frame: the predicted class index, or None when no face was found."""
@@ -63,6 +64,8 @@ class MinuteSummary:
                "expressions": {c: round(n / faces, 3) for c, n in zip(self.classes, self.counts)},
                "valence": {v: round(n / faces, 3) for v, n in zip(VALENCE_NAMES, self.valence_counts)},
                "queued": self.queued, "alerts": self.alerts}
+        if self.skipped:
+            rec["skipped"] = self.skipped
         if partial:
             rec["partial"] = True  # written at a clean exit before the minute ended
         return rec

@@ -4,7 +4,9 @@
 append-only (``jsonl``), a new pair each day, days older than ``keep_days`` deleted, and
 the oldest days go first when all of them pass ``max_bytes``. A frame line is
 ``{"t", "face", "label", "p", "u", "q"}`` (time, face found, prediction, probabilities in the
-package's class order, uncertainty, queued id); a frame without a face is ``{"t", "face"}``.
+package's class order, uncertainty, queued id); a frame without a face is ``{"t", "face"}``;
+a sampled frame that could not be read (unreadable, truncated, oversized) is ``{"t", "skipped"}``
+with the reason, and counted in its minute's ``skipped``.
 
 A minute's summary is written when its first later frame arrives. After a crash the minute
 in progress is rebuilt from the frame lines (they are on disk), so a kill -9 loses no
@@ -72,6 +74,14 @@ class Timeline:
         self._count(rec)
         return finished
 
+    def record_skip(self, t: float, reason: str) -> None:
+        """A sampled frame that could not be read: a line with the reason, counted in its minute."""
+        self._roll(t)
+        self._open_day(day_of(t))
+        rec = {"t": round(t, 2), "skipped": str(reason)[:200]}
+        self.bytes_written += self._frames.append(rec)
+        self._count(rec)
+
     def mark_alert(self, t: float) -> None:
         """An alert started at ``t``: counted in its minute's summary."""
         self._roll(t)
@@ -79,7 +89,7 @@ class Timeline:
 
     def close(self) -> None:
         """A clean exit: the unfinished minute is written as partial, files synced and closed."""
-        if self._minute is not None and self._minute.frames:
+        if self._minute is not None and (self._minute.frames or self._minute.skipped):
             self._write_minute(self._minute.to_record(partial=True))
         self._minute = None
         if self._frames is not None:
@@ -88,6 +98,9 @@ class Timeline:
 
     # ------------------------------------------------------------ minutes
     def _count(self, rec: dict) -> None:
+        if "skipped" in rec:
+            self._minute.skipped += 1
+            return
         label = rec.get("label")
         index = self.classes.index(label) if rec.get("face") and label in self.classes else None
         self._minute.add(index, queued=bool(rec.get("q")))
@@ -98,7 +111,7 @@ class Timeline:
         if self._minute is not None and self._minute.start == start:
             return None
         finished = None
-        if self._minute is not None and (self._minute.frames or self._minute.alerts):
+        if self._minute is not None and (self._minute.frames or self._minute.alerts or self._minute.skipped):
             finished = self._minute.to_record()
             self._write_minute(finished)
         self._minute = MinuteSummary(start, self.classes)

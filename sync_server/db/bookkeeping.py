@@ -111,6 +111,17 @@ def outbox_failed(conn: Connection, item_id: int, error: str) -> None:
     conn.execute(update(outbox).where(outbox.c.id == item_id).values(attempts=outbox.c.attempts + 1, last_error=error[:2000]))
 
 
+def outbox_dead(conn: Connection, item_id: int, error: str, now: float) -> None:
+    """Set a row aside for good: done, with the error that stopped it kept (a dead letter)."""
+    conn.execute(update(outbox).where(outbox.c.id == item_id).values(attempts=outbox.c.attempts + 1, done_at=now,
+                                                                     last_error=error[:2000] or "failed"))
+
+
+def dead_outbox(conn: Connection) -> int:
+    """Rows set aside: done with an error (a row logged normally is done with none)."""
+    return int(conn.execute(select(func.count()).where(outbox.c.done_at.is_not(None), outbox.c.last_error.is_not(None))).scalar_one())
+
+
 # --------------------------------------------------------------------------- publish decisions
 
 
@@ -177,4 +188,4 @@ def metrics_view(conn: Connection) -> dict:
             "rounds": {"served": 0, "refused": 0, **rounds},
             "package_gates": gate_rows, "devices": {"active": 0, "revoked": 0, **devices},
             "serving": serving_versions(conn),
-            "outbox": {"pending": int(pending[0]), "oldest": pending[2], "last_error": error}}
+            "outbox": {"pending": int(pending[0]), "oldest": pending[2], "last_error": error, "dead": dead_outbox(conn)}}

@@ -27,6 +27,16 @@
     document.getElementById("queue-count").textContent = s.queue;
     document.getElementById("labels-count").textContent = s.counters.labels;
     document.getElementById("updates-count").textContent = s.counters.updates;
+    if (s.camera) document.getElementById("camera-learned").textContent = cameraText(s.camera);
+  }
+
+  // What the camera learned on top of the fleet's model: its class mix (when the guard lets it in) and the labels given.
+  function cameraText(cam) {
+    const labels = Object.entries(cam.labels).filter(([, n]) => n > 0).map(([c, n]) => c + " " + n).join(", ");
+    if (cam.level === "shared") return "this camera: the fleet's model as it is" + (labels ? " (labels so far: " + labels + ")" : "");
+    const mix = Object.entries(cam.prior).sort((a, b) => b[1] - a[1]).filter(([, p]) => p >= 0.05)
+      .map(([c, p]) => c + " " + Math.round(100 * p) + "%").join(", ");
+    return "this camera has learned its baby's mix: " + mix + " · labels: " + labels;
   }
 
   function visible() {

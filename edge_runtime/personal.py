@@ -1,0 +1,435 @@
+"""A camera's own adaptation on top of the fleet's head: pure numpy math, no I/O.
+
+What is really one camera's own is its class mix (one baby's days: mostly sleepy-neutral, or
+a colicky month of crying) and a systematic lean of the shared head under its light and
+angle. Both are a handful of numbers, so a few labels estimate them well, where updating a
+64-64-7 MLP on the same labels mostly relearns what the extractor already knows (measured:
+``bench/personalization.py``, docs/personalization.md). The camera's predictions are
+
+    p_cam(y | x)  ∝  p_head(y | x) * prior(y) / ref(y) * exp(bias(y))
+
+* ``prior``: the camera's class mix, estimated by semi-supervised EM (Saerens et al. 2002):
+  the caregiver's labels count as known, the camera's unlabelled frames as the head's
+  prior-corrected posteriors, with a Dirichlet pseudo-count toward ``ref`` (the head's
+  training mix) so that a few frames cannot swing it far.
+* ``bias``: a per-class logit offset fit on the labels (L2-penalised Newton steps on a
+  7-parameter convex loss): the head's systematic lean on this camera (bias-corrected
+  calibration, Alexandari et al. 2020, with the camera's labels as the calibration set).
+* the guard: each part is used only when K-fold cross-validation on the camera's own labels
+  says it beats the shared head there (``choose``); otherwise the camera predicts with the
+  shared head unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+EPS = 1e-12
+LEVELS = ("shared", "prior", "prior+bias", "prior+bias+residual")  # what a camera may add on top of the shared head
+
+
+@dataclass(frozen=True)
+class PersonalSettings:
+    """The adaptation's knobs; defaults chosen by ``bench/personalization.py`` (docs/personalization.md)."""
+
+    pseudo_count: float = 2.0  # Dirichlet pull of the prior toward ``ref`` (in labels)
+    frame_weights: tuple[float, ...] = (0.0, 0.25, 1.0)  # what one unlabelled frame counts against one label (the guard picks)
+    em_iterations: int = 30
+    bias_l2: float = 0.05  # L2 on the per-class logit bias
+    bias_min_labels: int = 10  # fewer labels than this: no bias
+    guard_folds: int = 5
+    guard_min_labels: int = 6  # fewer labels than this: the guard trusts only the prior from frames
+    guard_margin: float = 0.0  # log-loss gain a level must show over the one below it ("log_loss" metric)
+    guard_metric: str = "paired"  # "paired", "log_loss", "accuracy" or "both": how cross-validation on the labels decides
+    guard_z: float = 1.0  # "paired": the gain over the shared head must be this many standard errors
+    residual_l2: float = 1.0  # L2 on the personal linear correction (per embedding dimension)
+    residual_steps: int = 60
+    residual_min_labels: int = 20
+    residual: bool = False  # offer the residual to the guard (measured: no gain, a risk with noisy labels)
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """What the camera adds to the shared head's log-probabilities: ``log(prior / ref) + bias``."""
+
+    prior: np.ndarray  # (K,) the camera's class mix
+    bias: np.ndarray  # (K,) logit offsets
+    level: str  # one of LEVELS: what the guard let through
+    residual: np.ndarray | None = None  # (D, K) personal linear correction of the logits, or None
+    frame_weight: float = 0.0  # what an unlabelled frame counted for in ``prior``
+
+    @classmethod
+    def none(cls, ref: np.ndarray) -> "Adaptation":
+        return cls(np.asarray(ref, np.float64), np.zeros(len(ref)), "shared")
+
+    def offset(self, ref: np.ndarray) -> np.ndarray:
+        """The log-space offset added to every frame's shared log-probabilities."""
+        if self.level == "shared":
+            return np.zeros(len(ref))
+        off = np.log(np.maximum(self.prior, EPS)) - np.log(np.maximum(ref, EPS))
+        return off + (self.bias if self.level == "prior+bias" else 0.0)
+
+    def apply(self, probs: np.ndarray, ref: np.ndarray, x: np.ndarray | None = None) -> np.ndarray:
+        """The camera's probabilities from the shared head's (N, K) (and the embeddings ``x`` (N, D)
+        when the adaptation holds a residual)."""
+        off = self.offset(ref)
+        if self.residual is not None and x is not None:
+            off = off + np.asarray(x, np.float64) @ self.residual
+        return reweight(probs, off)
+
+
+def reweight(probs: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """``probs * exp(offset)``, renormalised per row (float32 in, float32 out)."""
+    offset = np.asarray(offset, np.float64)
+    q = np.asarray(probs, np.float64) * np.exp(offset - offset.max(axis=-1, keepdims=True))
+    return (q / np.maximum(q.sum(axis=-1, keepdims=True), EPS)).astype(np.float32)
+
+
+def em_prior(probs: np.ndarray, counts: np.ndarray, ref: np.ndarray, pseudo_count: float, iterations: int = 30,
+             tol: float = 1e-5, start: np.ndarray | None = None, frame_weight: float = 1.0) -> np.ndarray:
+    """The class mix of a camera: EM over its unlabelled frames' shared-head probabilities
+    ``probs`` (N, K), with ``counts`` (K,) labelled frames as known and ``pseudo_count``
+    labels' worth of ``ref`` as the Dirichlet prior; one frame counts ``frame_weight`` labels (a
+    head's posteriors on a new domain are not labels). ``start``: a previous estimate (warm start).
+
+    The E-step's posteriors are ``p_i * w / (p_i . w)`` with ``w = prior / ref``, so one
+    iteration is two matrix-vector products."""
+    ref = np.asarray(ref, np.float64)
+    counts = np.asarray(counts, np.float64)
+    p = np.asarray(probs, np.float64).reshape(-1, len(ref))
+    if frame_weight <= 0:
+        p = p[:0]
+    total = frame_weight * len(p) + counts.sum() + pseudo_count
+    if total <= 0:
+        return ref.copy()
+    base = counts + pseudo_count * ref
+    prior = (base + frame_weight * p.sum(axis=0)) / total if start is None else np.asarray(start, np.float64)
+    for _ in range(iterations if len(p) else 0):
+        w = prior / np.maximum(ref, EPS)
+        new = (base + frame_weight * w * (p.T @ (1.0 / np.maximum(p @ w, EPS)))) / total
+        done = np.abs(new - prior).max() < tol
+        prior = new
+        if done:
+            break
+    if not len(p):
+        prior = base / total
+    return prior / prior.sum()
+
+
+def fit_bias(log_probs: np.ndarray, y: np.ndarray, l2: float, steps: int = 6) -> np.ndarray:
+    """Per-class logit offsets minimising mean cross-entropy + ``l2``/2 ||b||² on labelled frames
+    whose (prior-corrected) log-probabilities are ``log_probs`` (N, K): a convex problem in K
+    numbers, a few damped Newton steps."""
+    z = np.asarray(log_probs, np.float64)
+    n, k = z.shape
+    b = np.zeros(k)
+    if n == 0:
+        return b
+    onehot = np.zeros((n, k))
+    onehot[np.arange(n), y] = 1.0
+    for _ in range(steps):
+        s = z + b
+        s -= s.max(axis=1, keepdims=True)
+        p = np.exp(s)
+        p /= p.sum(axis=1, keepdims=True)
+        grad = (p - onehot).mean(axis=0) + l2 * b
+        hess = (np.diag(p.sum(axis=0)) - p.T @ p) / n + l2 * np.eye(k)
+        b -= np.linalg.solve(hess, grad)
+    return b - b.mean()
+
+
+def fit_residual(log_probs: np.ndarray, x: np.ndarray, y: np.ndarray, l2: float, steps: int) -> np.ndarray:
+    """A personal linear correction W (D, K) of the logits, ``log_probs + x @ W``, by gradient descent on
+    mean cross-entropy + ``l2``/2 ||W||² (a FedRep-style personal layer, kept small by the L2)."""
+    z = np.asarray(log_probs, np.float64)
+    x = np.asarray(x, np.float64)
+    n, k = z.shape
+    w = np.zeros((x.shape[1], k))
+    onehot = np.zeros((n, k))
+    onehot[np.arange(n), y] = 1.0
+    lr = 1.0 / (np.mean(np.sum(x * x, axis=1)) / 2 + l2)  # 1/L for the softmax loss (Hessian <= ||x||^2 / 2)
+    for _ in range(steps):
+        s = z + x @ w
+        s -= s.max(axis=1, keepdims=True)
+        p = np.exp(s)
+        p /= p.sum(axis=1, keepdims=True)
+        w -= lr * (x.T @ (p - onehot) / n + l2 * w)
+    return w
+
+
+def mean_log_loss(probs: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.log(np.maximum(probs[np.arange(len(y)), y], EPS)).mean()) if len(y) else 0.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One adaptation the guard may choose: a level and what an unlabelled frame counts for."""
+
+    level: str
+    frame_weight: float = 0.0
+
+
+def candidates(s: PersonalSettings, with_residual: bool) -> list[Candidate]:
+    """Simplest first (the guard breaks ties toward the front): the shared head, then each level at each frame weight."""
+    levels = [lvl for lvl in LEVELS[1:] if with_residual or not lvl.endswith("residual")]
+    return [Candidate("shared")] + [Candidate(lvl, w) for lvl in levels for w in s.frame_weights]
+
+
+def adapt(frame_probs: np.ndarray, label_probs: np.ndarray, y: np.ndarray, ref: np.ndarray, cand: Candidate,
+          s: PersonalSettings, label_x: np.ndarray | None = None) -> Adaptation:
+    """The adaptation ``cand`` from unlabelled frames and labelled ones (shared-head probabilities;
+    ``label_x``, the labelled embeddings, for the residual)."""
+    if cand.level == "shared":
+        return Adaptation.none(ref)
+    k = len(ref)
+    counts = np.bincount(y, minlength=k).astype(np.float64)
+    prior = em_prior(frame_probs, counts, ref, s.pseudo_count, s.em_iterations, frame_weight=cand.frame_weight)
+    bias = np.zeros(k)
+    residual = None
+    if cand.level != "prior" and len(y) >= s.bias_min_labels:
+        corrected = np.log(np.maximum(reweight(label_probs, np.log(prior / ref)), EPS))
+        bias = fit_bias(corrected, y, s.bias_l2)
+        if cand.level == "prior+bias+residual" and label_x is not None and len(y) >= s.residual_min_labels:
+            residual = fit_residual(corrected + bias, label_x, y, s.residual_l2, s.residual_steps)
+    return Adaptation(prior, bias, cand.level, residual, cand.frame_weight)
+
+
+def cv_losses(frame_probs: np.ndarray, label_probs: np.ndarray, y: np.ndarray, ref: np.ndarray, s: PersonalSettings,
+              cands: list[Candidate], label_x: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per candidate and label: (log-loss, right or not), every label scored by an adaptation fitted
+    without its fold (its frame back in the unlabelled pool, as it was before it was labelled)."""
+    n = len(y)
+    folds = np.arange(n) % max(2, min(s.guard_folds, n))
+    losses = np.zeros((len(cands), n))
+    hits = np.zeros((len(cands), n))
+    for f in np.unique(folds):
+        test = folds == f
+        pool = np.concatenate([frame_probs.reshape(-1, len(ref)), label_probs[test]])
+        for i, cand in enumerate(cands):
+            a = adapt(pool, label_probs[~test], y[~test], ref, cand, s, None if label_x is None else label_x[~test])
+            p = a.apply(label_probs[test], ref, None if label_x is None else label_x[test])
+            losses[i, test] = -np.log(np.maximum(p[np.arange(test.sum()), y[test]], EPS))
+            hits[i, test] = p.argmax(axis=1) == y[test]
+    return losses, hits
+
+
+def cv_scores(frame_probs: np.ndarray, label_probs: np.ndarray, y: np.ndarray, ref: np.ndarray, s: PersonalSettings,
+              cands: list[Candidate], label_x: np.ndarray | None = None) -> list[tuple[float, float]]:
+    """Each candidate's cross-validated (accuracy, mean log-loss) on the camera's labels."""
+    losses, hits = cv_losses(frame_probs, label_probs, y, ref, s, cands, label_x)
+    return [(float(h.mean()), float(l.mean())) for h, l in zip(hits, losses)]
+
+
+def pick_paired(losses: np.ndarray, z: float) -> int:
+    """The guard's verdict from per-label cross-validated log-losses (candidates x labels): among the
+    candidates whose gain over the shared head (row 0) is at least ``z`` standard errors of the paired
+    per-label differences, the one with the lowest mean loss; else the shared head. Few labels need a
+    large gain, many labels a consistent one: a camera is adapted only when its own labels say clearly."""
+    gains = losses[0] - losses
+    n = losses.shape[1]
+    se = gains.std(axis=1, ddof=1) / np.sqrt(n) if n > 1 else np.full(len(losses), np.inf)
+    ok = gains.mean(axis=1) > z * se + 1e-12
+    ok[0] = True
+    means = np.where(ok, losses.mean(axis=1), np.inf)
+    return int(np.argmin(means))
+
+
+def pick(scores: list[tuple[float, float]], metric: str, margin: float = 0.0) -> int:
+    """The guard's verdict: the index of the best cross-validated candidate (index 0, the shared head,
+    unless one beats it). "accuracy": more labels right; "log_loss": a lower mean log-loss by more than
+    ``margin``; "both": the lowest log-loss among those at least as accurate as the shared head.
+    Ties keep the earlier, simpler candidate."""
+    best = 0
+    for i, (acc, loss) in enumerate(scores[1:], start=1):
+        b_acc, b_loss = scores[best]
+        if metric == "accuracy":
+            better = acc > b_acc + 1e-9
+        elif metric == "log_loss":
+            better = loss < b_loss - margin
+        else:
+            better = acc >= scores[0][0] - 1e-9 and loss < b_loss - margin
+        if better:
+            best = i
+    return best
+
+
+def choose(frame_probs: np.ndarray, label_probs: np.ndarray, y: np.ndarray, ref: np.ndarray,
+           s: PersonalSettings = PersonalSettings(), label_x: np.ndarray | None = None) -> Adaptation:
+    """The guarded adaptation: the candidate that cross-validation on the camera's own labels says is
+    best (``pick``); with too few labels to judge, none (a prior from unlabelled frames alone cost a
+    uniform-mix camera 2-3 points: docs/personalization.md)."""
+    y = np.asarray(y, np.int64)
+    if len(y) < s.guard_min_labels:
+        return Adaptation.none(ref)
+    cands = candidates(s, label_x is not None)
+    losses, hits = cv_losses(frame_probs, label_probs, y, ref, s, cands, label_x)
+    if s.guard_metric == "paired":
+        best = pick_paired(losses, s.guard_z)
+    else:
+        best = pick([(float(h.mean()), float(l.mean())) for h, l in zip(hits, losses)], s.guard_metric, s.guard_margin)
+    return adapt(frame_probs, label_probs, y, ref, cands[best], s, label_x)
+
+
+class FramePool:
+    """The camera's recent unlabelled frames, oldest first (float16: 256 frames of 64-d are 32 KiB of
+    state), the evidence for its class mix. A frame the caregiver labels leaves the pool (it is
+    known now, counted in the labels)."""
+
+    def __init__(self, dim: int, size: int = 256):
+        self.x = np.zeros((size, dim), np.float16)
+        self.n = 0  # rows 0..n-1 hold frames, oldest first
+
+    def __len__(self) -> int:
+        return self.n
+
+    def add(self, x: np.ndarray) -> None:
+        if not len(self.x):
+            return
+        if self.n == len(self.x):  # full: the oldest goes (a 32 KiB shift, microseconds)
+            self.x[:-1] = self.x[1:]
+            self.n -= 1
+        self.x[self.n] = x
+        self.n += 1
+
+    def discard(self, x: np.ndarray) -> bool:
+        """Drop the newest frame equal to ``x`` (compared as float16); False when none is."""
+        hits = np.flatnonzero(np.all(self.x[: self.n] == np.asarray(x, np.float16), axis=1))
+        if not len(hits):
+            return False
+        i = int(hits[-1])
+        self.x[i : self.n - 1] = self.x[i + 1 : self.n]
+        self.n -= 1
+        return True
+
+    def all(self) -> np.ndarray:
+        return self.x[: self.n].astype(np.float32)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"pool_x": self.x[: self.n].copy()}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], dim: int, size: int) -> "FramePool":
+        pool = cls(dim, size)
+        x = np.asarray(arrays.get("pool_x", np.zeros((0, dim), np.float16)), np.float16)
+        if x.ndim != 2 or x.shape[1] != dim or not np.all(np.isfinite(x)):
+            raise ValueError("pool arrays do not fit this package's embeddings")
+        keep = x[len(x) - min(len(x), size):]
+        pool.x[: len(keep)] = keep
+        pool.n = len(keep)
+        return pool
+
+
+def guard_due(n_labels: int) -> bool:
+    """When the guard's cross-validation runs again: often while labels are few (each one moves the
+    verdict), then every 10th label; in between the chosen level is only refitted (~0.5 ms)."""
+    return n_labels >= 1 and (n_labels <= 12 or n_labels in (15, 20, 25, 30, 40, 50) or n_labels % 10 == 0)
+
+
+class CameraModel:
+    """One camera's own part: its unlabelled frames, its label counts and the guarded adaptation that
+    the device applies on top of the fleet's head. Numpy only; saved with the device state.
+
+        cam = CameraModel(n_classes=7, dim=64)
+        cam.observe(embedding, head)                  # every predicted frame with a face
+        cam.labelled(embedding, y, head, kept_x, kept_y)  # every caregiver label
+        probs = cam.apply(head.predict_proba(x), x)
+    """
+
+    def __init__(self, n_classes: int, dim: int, settings: PersonalSettings = PersonalSettings(), pool_size: int = 256,
+                 refresh_every: int = 32):
+        self.settings = settings
+        self.ref = np.full(n_classes, 1.0 / n_classes)
+        self.pool = FramePool(dim, pool_size)
+        self.counts = np.zeros(n_classes, np.int64)  # every label the caregiver gave, per class
+        self.adaptation = Adaptation.none(self.ref)
+        self.refresh_every = refresh_every
+        self._since = 0  # frames observed since the prior was last re-estimated
+
+    @property
+    def n_labels(self) -> int:
+        return int(self.counts.sum())
+
+    def observe(self, x: np.ndarray, head) -> None:
+        """A frame the camera saw: into the pool; every ``refresh_every`` frames the prior is re-estimated."""
+        self.pool.add(x)
+        self._since += 1
+        if self._since >= self.refresh_every:
+            self.refresh(head)
+
+    def refresh(self, head, kept: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Refit the chosen level on the current frames (and ``kept`` labelled embeddings when given)."""
+        self._since = 0
+        a = self.adaptation
+        if a.level == "shared":
+            return  # no labels yet, or the guard said no: frames alone do not overrule it
+        level = a.level
+        frames = head.predict_proba(self.pool.all()) if len(self.pool) else np.zeros((0, len(self.ref)))
+        if kept is None:  # frames only: new prior, the fitted bias and residual kept
+            prior = em_prior(frames, self.counts, self.ref, self.settings.pseudo_count, self.settings.em_iterations,
+                             start=a.prior, frame_weight=a.frame_weight)
+            self.adaptation = Adaptation(prior, a.bias, level, a.residual, a.frame_weight)
+            return
+        kx, ky = kept
+        self.adaptation = adapt(frames, head.predict_proba(kx) if len(ky) else frames[:0], ky, self.ref,
+                                Candidate(level, a.frame_weight), self.settings, kx)
+
+    def labelled(self, x: np.ndarray, y: int, head, kept: tuple[np.ndarray, np.ndarray]) -> None:
+        """A caregiver's label of frame ``x``: counted, out of the pool, and the adaptation re-judged
+        (``kept``: the labelled embeddings the device keeps, this one included)."""
+        self.pool.discard(x)
+        self.counts[int(y)] += 1
+        kx, ky = kept
+        if guard_due(self.n_labels):
+            frames = head.predict_proba(self.pool.all()) if len(self.pool) else np.zeros((0, len(self.ref)))
+            self.adaptation = choose(frames, head.predict_proba(kx) if len(ky) else frames[:0], ky, self.ref, self.settings,
+                                     kx if self.settings.residual else None)
+        else:
+            self.refresh(head, kept)
+
+    def apply(self, probs: np.ndarray, x: np.ndarray | None = None) -> np.ndarray:
+        return self.adaptation.apply(probs, self.ref, x)
+
+    def summary(self, classes: tuple[str, ...]) -> dict:
+        """What the camera has learned, for status, the caregiver page and ``watch``."""
+        a = self.adaptation
+        return {"level": a.level, "labels": {c: int(n) for c, n in zip(classes, self.counts)},
+                "prior": {c: round(float(p), 4) for c, p in zip(classes, a.prior)},
+                "frames": len(self.pool)}
+
+    # ------------------------------------------------------------ state
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        a = self.adaptation
+        arrays = {**self.pool.to_arrays(), "personal_counts": self.counts.copy(), "personal_prior": a.prior.copy(),
+                  "personal_bias": a.bias.copy(), "personal_level": np.array(LEVELS.index(a.level), np.int64),
+                  "personal_frame_weight": np.array(a.frame_weight, np.float64)}
+        if a.residual is not None:
+            arrays["personal_residual"] = a.residual.copy()
+        return arrays
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore from a snapshot; a snapshot without these arrays (older devices) leaves a fresh camera."""
+        if "personal_counts" not in arrays:
+            return
+        k, dim = len(self.ref), self.pool.x.shape[1]
+        counts = np.asarray(arrays["personal_counts"], np.int64)
+        prior = np.asarray(arrays["personal_prior"], np.float64)
+        bias = np.asarray(arrays["personal_bias"], np.float64)
+        level = int(np.asarray(arrays["personal_level"]))
+        residual = np.asarray(arrays["personal_residual"], np.float64) if "personal_residual" in arrays else None
+        if counts.shape != (k,) or prior.shape != (k,) or bias.shape != (k,) or not 0 <= level < len(LEVELS) or \
+                counts.min() < 0 or not (np.all(np.isfinite(prior)) and np.all(np.isfinite(bias))) or prior.min() < 0 or \
+                (residual is not None and (residual.shape != (dim, k) or not np.all(np.isfinite(residual)))):
+            raise ValueError("personal arrays do not fit this package's classes or embeddings")
+        self.pool = FramePool.from_arrays(arrays, dim, len(self.pool.x))
+        self.counts = counts
+        weight = float(np.asarray(arrays.get("personal_frame_weight", 0.0)))
+        self.adaptation = Adaptation(prior / max(prior.sum(), EPS), bias, LEVELS[level], residual,
+                                     weight if np.isfinite(weight) and weight >= 0 else 0.0)
+
+    def forget_frames(self) -> None:
+        """A new extractor: the pool's embeddings mean nothing to it (the prior and the counts stay)."""
+        self.pool = FramePool(self.pool.x.shape[1], len(self.pool.x))
+        if self.adaptation.residual is not None:
+            a = self.adaptation
+            self.adaptation = Adaptation(a.prior, a.bias, "prior+bias", None)
