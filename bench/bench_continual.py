@@ -43,6 +43,7 @@ from infantino.edge_runtime.splits import stratified_split
 from infantino.fleet_demo.cameras import night_ir  # one night-IR camera for the demo and every benchmark
 
 PHASES = ("adult", "infant", "night_ir", "infant_again")
+CAMERA_LOG: list[dict] = []  # what "ours"'s camera part held after each phase (level, base, prior, labels)
 METHODS = ("frozen", "plain", "ours", "refit")
 
 
@@ -119,6 +120,8 @@ def run_method(method: str, model_dir: Path, streams, tests, seed: int) -> np.nd
                 predict = OnlineHead.fit(np.concatenate(seen_x), np.concatenate(seen_y), HeadParams(random_state=seed),
                                          max_iter=80).predict_proba
             R[i] = [_accuracy(predict, tests[p]) for p in PHASES]
+            if method == "ours":
+                CAMERA_LOG.append({"seed": seed, "phase": phase, **device.learner.camera.summary(device.classes)})
     return R
 
 
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m:8s} {avg.mean():8.3f} {bwt.mean():+8.3f}   " + ", ".join(f"{v:.3f}" for v in final)
               + (f"   (± {avg.std():.3f} / {bwt.std():.3f} over {len(args.seeds)} seeds)" if len(args.seeds) > 1 else ""))
     results["summary"] = table
+    results["camera_part_of_ours"] = CAMERA_LOG
     results["seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -241,7 +241,7 @@ def torch_column(args: argparse.Namespace, data: bytes) -> dict:
     from infantino.export.train import load_checkpoint
 
     from infantino.edge_runtime.package import open_package
-    from infantino.edge_runtime.preprocess import prepare
+    from infantino.edge_runtime.facefinder import prepare
 
     package = open_package(args.model_dir, verify=False)
     if args.torch_checkpoint:

@@ -51,7 +51,7 @@ def compare_runtimes(extractor, onnx: dict[str, Path], x: np.ndarray, repeats: i
     its fraction of ``peak`` (matmul GFLOP/s per thread count). Also the torch-vs-fp32 parity."""
     import torch
 
-    from infantino.export.onnx_export import session
+    from infantino.edge_runtime.onnx_session import cpu_session
 
     xt = torch.from_numpy(x)
     out: dict = {"flops_per_face": flops(extractor, xt) // len(x)}
@@ -62,7 +62,7 @@ def compare_runtimes(extractor, onnx: dict[str, Path], x: np.ndarray, repeats: i
         with torch.no_grad():
             out[f"torch_eager_t{t}"] = timeit(lambda: extractor(xt), max(10, repeats // 2))
         for prec, path in onnx.items():
-            sess = session(path, t)
+            sess = cpu_session(path, t, spin=True)  # spinning threads: the runtime at its fastest, as torch runs
             out[f"ort_{prec}_t{t}"] = timeit(lambda: sess.run(None, {"input": x}), repeats)
             out[f"ort_{prec}_over_torch_t{t}"] = round(out[f"ort_{prec}_t{t}"]["p50"] / out[f"torch_eager_t{t}"]["p50"], 4)
             if prec == "fp32":

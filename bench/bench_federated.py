@@ -50,7 +50,8 @@ def load_faces(package: Path, seeds: list[int], devices: int, held_out: dict[str
     from infantino.edge_runtime.imagefolder import list_image_folder, split_items
     from infantino.edge_runtime.package import open_package
     from infantino.edge_runtime.facefinder import FaceFinder
-    from infantino.edge_runtime.preprocess import ImageError, prepare
+    from infantino.edge_runtime.facefinder import prepare
+    from infantino.edge_runtime.preprocess import ImageError
 
     opened = open_package(package)
     spec, finder = opened.manifest.preprocess, FaceFinder.for_package(opened)
@@ -137,7 +138,7 @@ def product_path(package: Path, faces: dict, n_devices: int, rounds: int, work: 
             for name, learner in feds.items():
                 for crop, label in all_chunks[name][r]:
                     learner.learn(crop, label)
-                report, _ = sync_device(learner, server.url, tokens[name])
+                report = sync_device(learner, server.url, tokens[name])
                 if report.error or report.rejected:
                     raise RuntimeError(f"{name} round {r}: {report.error or report.rejected}")
             deadline = time.monotonic() + 30  # K = N: the step follows the last push of the round

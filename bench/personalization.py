@@ -1,7 +1,7 @@
 """Does learning from a caregiver's labels make *that camera* better? The personalization protocol.
 
     python bench/personalization.py            # the README's table (5 folds; ~25 min on 2 cores, fold extractors cached)
-    python bench/personalization.py --quick    # CI size: 2 folds, 4 photos a class, 1 camera a cell
+    python bench/personalization.py --quick    # CI size: 3 folds, 4 photos a class, 1 camera a cell, adult-only extractor
 
 Folds as in ``bench/infant_cv.py`` (grouped, stratified 5-fold, seed 0): for test fold k the
 device fold is k+1 and the extractor is the one fine-tuned on the other three (the release
@@ -61,7 +61,7 @@ ALPHAS = ("0.3", "1", "uniform")
 BUDGETS = (10, 30, 60, 120)
 STRATEGIES = ("queue", "random")
 N_FRAMES, N_TEST = 240, 300
-NEW = "new: prior + bias, paired CV guard (the device's default)"
+NEW = "new: the device's learner (prior, bias or personal head over the shared head, paired-CV guard)"
 
 
 # ------------------------------------------------------------------ data: crops per profile, embeddings per fold
@@ -133,11 +133,16 @@ def pick_labels(frame_probs: np.ndarray, frame_ids: np.ndarray, n: int, strategy
 
 
 # ------------------------------------------------------------------ methods: test probabilities of one camera
-def run_today(head: OnlineHead, source, x: np.ndarray, y: np.ndarray, seed: int) -> OnlineHead:
-    learner = GuardedLearner(head.copy(), replace(DeviceConfig(), seed=seed), source)
+def run_learner(head: OnlineHead, source, frames: np.ndarray, x: np.ndarray, y: np.ndarray, seed: int,
+                **config) -> GuardedLearner:
+    """The device's learner (``GuardedLearner``, the code ``Device`` runs): it sees the camera's frames,
+    then learns the caregiver's labels one at a time."""
+    learner = GuardedLearner(head.copy(), replace(DeviceConfig(), seed=seed, **config), source)
+    for f in frames:
+        learner.observe(f)
     for xi, yi in zip(x, y):
         learner.learn(xi.astype(np.float32), int(yi))
-    return learner.head
+    return learner
 
 
 def ditto(head: OnlineHead, x: np.ndarray, y: np.ndarray, epochs: int = 30, strength: float = 1.0) -> OnlineHead:
@@ -179,8 +184,9 @@ def camera_rows(ctx: dict, cam: dict, budget: int, strategy: str, rng: np.random
     unl = np.setdiff1d(np.arange(len(fx)), pos)
     counts = np.bincount(ly, minlength=len(ref)).astype(np.float64)
     out = {"frozen": tp}
-    today = run_today(head, ctx["source"], lx, ly, cam["seed"])
+    today = run_learner(head, ctx["source"], fx, lx, ly, cam["seed"], personalize=False, balance_shared=False).head
     out["today's learner"] = [today.predict_proba(t) for t in tests]
+    learner = run_learner(head, ctx["source"], fx, lx, ly, cam["seed"])
     em = personal.em_prior(fp, np.zeros(len(ref)), ref, 0.0, 100)
     out["EM prior, unlabelled frames (Saerens)"] = [personal.reweight(p, np.log(em / ref)) for p in tp]
     t, b = ctx["bcts"]
@@ -193,18 +199,17 @@ def camera_rows(ctx: dict, cam: dict, budget: int, strategy: str, rng: np.random
     out["EM + label counts, averaged"] = [personal.reweight(p, np.log(avg / ref)) for p in tp]
     d = ditto(head, lx, ly)
     out["Ditto (personal head, prox to shared)"] = [d.predict_proba(t) for t in tests]
+    out[NEW] = [learner.predict_proba(t) for t in tests]
+    cam["levels"].append(learner.camera.adaptation.level)
     a = personal.choose(fp[unl], lp, ly, ref, s)
-    out[NEW] = [a.apply(p, ref) for p in tp]
-    cam["levels"].append(a.level)
+    out["new without the personal head (prior + bias only)"] = [a.apply(p, ref) for p in tp]
     a_l = personal.choose(fp[unl], lp, ly, ref, replace(s, guard_metric="log_loss"))
-    out["new, guard by mean CV log-loss (no paired test)"] = [a_l.apply(p, ref) for p in tp]
-    a_r = personal.choose(fp[unl], lp, ly, ref, s, lx)
-    out["new + personal residual layer, guarded"] = [a_r.apply(p, ref, t) for p, t in zip(tp, tests)]
+    out["prior + bias, guard by mean CV log-loss (no paired test)"] = [a_l.apply(p, ref) for p in tp]
+    a_r = personal.choose(fp[unl], lp, ly, ref, s, lx, residual=True)
+    out["prior + bias + a residual layer, guarded"] = [a_r.apply(p, ref, t) for p, t in zip(tp, tests)]
     a_ng = personal.adapt(fp[unl], lp, ly, ref, personal.Candidate("prior+bias", 0.25), s)
-    out["new without the guard (prior+bias, frames 0.25)"] = [a_ng.apply(p, ref) for p in tp]
-    tfp = today.predict_proba(fx)
-    a_t = personal.choose(tfp[unl], tfp[pos], ly, ref, s)
-    out["new on today's learned head"] = [a_t.apply(today.predict_proba(tt), ref) for tt in tests]
+    out["prior + bias without the guard (frames 0.25)"] = [a_ng.apply(p, ref) for p in tp]
+
     if cam["refit"] is not None:
         out["refit on all 240 frames labelled (upper bound)"] = cam["refit"]
     return out
@@ -214,7 +219,7 @@ def refit_probs(ctx: dict, cam: dict) -> list[np.ndarray]:
     sx, sy = ctx["source"].all()
     x = np.concatenate([sx, np.repeat(cam["frames_x"], 2, axis=0)])
     y = np.concatenate([sy, np.repeat(cam["frame_y"], 2)])
-    h = OnlineHead.fit(x, y, ctx["head"].params, max_iter=80)
+    h = OnlineHead.fit(x, y, ctx["head"].params, max_iter=60)
     return [h.predict_proba(cam["test_x"]), h.predict_proba(ctx["balanced_x"])]
 
 
@@ -276,12 +281,13 @@ def learn_whole_fold(ctx: dict, emb: np.ndarray, labels: np.ndarray, dev_pool: n
     order = np.random.default_rng(k).permutation(dev_pool)
     x, y = emb[order], labels[order]
     test_x, test_y = emb[test_pool], labels[test_pool]
-    today = run_today(head, ctx["source"], x, y, k)
-    p = head.predict_proba(x)
-    a = personal.choose(np.zeros((0, len(ref))), p, y, ref, ctx["settings"])
+    today = run_learner(head, ctx["source"], x, x, y, k, personalize=False, balance_shared=False)
+    learner = run_learner(head, ctx["source"], x, x, y, k)
     tp = head.predict_proba(test_x)
-    return {"fold": k, "frozen": acc(tp, test_y), "today's learner": acc(today.predict_proba(test_x), test_y),
-            "new learner": acc(a.apply(tp, ref), test_y), "new level": a.level}
+    return {"fold": k, "frozen": acc(tp, test_y), "today's learner": acc(today.head.predict_proba(test_x), test_y),
+            "new learner": acc(learner.predict_proba(test_x), test_y),
+            "new learner's shared head (what it uploads)": acc(learner.head.predict_proba(test_x), test_y),
+            "new level": learner.camera.adaptation.level}
 
 
 def summarize(results: list[dict], learn_all: list[dict], args) -> dict:
@@ -305,7 +311,8 @@ def summarize(results: list[dict], learn_all: list[dict], args) -> dict:
             fr = {(r["fold"], r["alpha"], r["camera"], r["strategy"]): r["own"] for r in results
                   if r["method"] == "frozen" and r["profile"] == p and r["labels"] == 60}
             by_profile.setdefault(m, {})[p] = float(np.mean([r["own"] - fr[(r["fold"], r["alpha"], r["camera"], r["strategy"])] for r in rs]))
-    la = {m: float(np.mean([d[m] for d in learn_all])) for m in ("frozen", "today's learner", "new learner")}
+    la = {m: float(np.mean([d[m] for d in learn_all])) for m in ("frozen", "today's learner", "new learner",
+                                                                  "new learner's shared head (what it uploads)")}
     return {"protocol": {"folds": args.folds, "cameras_per_cell": args.cameras, "alphas": list(args.alphas),
                          "profiles": list(args.profiles), "budgets": list(args.budgets), "frames": N_FRAMES, "test": N_TEST,
                          "extractor": args.extractor},
@@ -336,7 +343,7 @@ def plot(summary: dict, out: Path) -> None:
     fig, axes = plt.subplots(1, len(alphas), figsize=(5 * len(alphas), 4), sharey=True)
     for ax, alpha in zip(np.atleast_1d(axes), alphas):
         for m, cells in summary["table"].items():
-            if m.startswith("new") and m != NEW:
+            if m.startswith(("new", "prior + bias")) and m != NEW:
                 continue
             ys = [100 * cells[f"{alpha}|{b}|random"]["gain"] for b in budgets]
             ax.plot(budgets, ys, marker="o", label=m, lw=2.5 if m.startswith("new") else 1.2)
@@ -352,7 +359,7 @@ def plot(summary: dict, out: Path) -> None:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(8, 4))
     profiles = summary["protocol"]["profiles"]
-    shown = [m for m in summary["gain_by_profile_60_labels"] if not m.startswith("new") or m == NEW]
+    shown = [m for m in summary["gain_by_profile_60_labels"] if not m.startswith(("new", "prior + bias")) or m == NEW]
     width = 0.8 / len(shown)
     for i, m in enumerate(shown):
         ax.bar(np.arange(len(profiles)) + i * width, [100 * summary["gain_by_profile_60_labels"][m][p] for p in profiles], width, label=m)
@@ -383,9 +390,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True, help="the upper-bound row (slow)")
     p.add_argument("--quick", action="store_true", help="CI size")
     args = p.parse_args(argv)
-    if args.quick:
+    if args.quick:  # CI size: the adult-only extractor for every fold (no fine-tuning), 3 folds of 4 photos a class
         args.folds, args.cameras, args.per_class, args.budgets = 3, 1, 4, [10, 30]
-        args.profiles = ["day", "night_ir"]
+        args.profiles, args.extractor, args.refit = ["day", "night_ir"], args.fer_only, False
     return args
 
 

@@ -6,19 +6,21 @@
     device.learn("frame.jpg", "happy")
 
 The device core imports numpy, Pillow, onnxruntime, scikit-learn and OpenCV only.
-``Device``, ``DeviceConfig`` and ``Prediction`` are loaded on first use, so that importing
-a light module (``infantino.edge_runtime.wire``, ``infantino.edge_runtime.package``) does not start ONNX Runtime.
+Every name here is loaded on first use, so that importing a light module
+(``infantino.edge_runtime.wire``, ``infantino.edge_runtime.package``, the numpy-only
+``learner``) neither starts ONNX Runtime nor imports Pillow.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .preprocess import CLASSES, ImageError, PreprocessSpec
-
 if TYPE_CHECKING:
+    from .classes import CLASSES
     from .device import Device, DeviceConfig, Prediction
+    from .preprocess import ImageError, PreprocessSpec
 
-_LAZY = {"Device": "device", "DeviceConfig": "device", "Prediction": "device"}
+_LAZY = {"Device": "device", "DeviceConfig": "device", "Prediction": "device", "CLASSES": "classes",
+         "ImageError": "preprocess", "PreprocessSpec": "preprocess"}
 
 __all__ = ["CLASSES", "Device", "DeviceConfig", "ImageError", "Prediction", "PreprocessSpec"]
 

@@ -18,8 +18,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
-from .clitools import OneLineParser, add_verbose, run_command
+from .clitools import OneLineParser, UsageError, add_verbose, run_command
 from .device import Device, DeviceConfig, default_model_dir, default_state_dir
+from .personal import describe
 
 PROG = "infantino-edge"
 
@@ -83,6 +84,7 @@ def run_learn(args: argparse.Namespace) -> int:
     r = device.learn(args.image, args.label, save=True)
     what = "learned" if r.updated else "rolled back by the guard" if r.rolled_back else "kept back for the guard"
     print(f"{args.image}: {args.label} {what}; head version {r.head_version}, state generation {device.generation}")
+    print(describe(device.status()["camera"]))
     return 0
 
 
@@ -134,7 +136,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from . import evaluate
 
     if not args.test and not args.crop_test:
-        raise ValueError("give at least one --test or --crop-test folder")
+        raise UsageError("give at least one --test or --crop-test folder")
     with tempfile.TemporaryDirectory(prefix="infantino-eval-") as tmp:
         state = Path(tmp) / "state"
         if args.state_dir is not None:
@@ -144,7 +146,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         config = _config(args, autosave=False, seed=args.seed, replay_seed=str(args.replay_seed) if args.replay_seed else None)
         model_dir = args.model_dir
         if model_dir is None and args.state_dir is not None:  # the package that device runs (sync may manage it)
-            from .config import model_dir_for
+            from .paths import model_dir_for
 
             model_dir = model_dir_for(args.state_dir)
         device = Device(model_dir, state, config)
@@ -203,11 +205,11 @@ def run_sync(args: argparse.Namespace) -> int:
     from .sync.state import managed_model_dir
 
     if not args.token:
-        raise ValueError("give --token or set INFANTINO_DEVICE_TOKEN")
+        raise UsageError("give --token or set INFANTINO_DEVICE_TOKEN")
     state = args.state_dir if args.state_dir is not None else default_state_dir()
     model = args.model_dir if args.model_dir is not None else managed_model_dir(state)
     device = Device(model, state, _config(args, share_crops=args.share_crops))
-    report, device = sync_device(device, args.server, args.token, timeout_s=args.timeout, retries=args.retries)
+    report = sync_device(device, args.server, args.token, timeout_s=args.timeout, retries=args.retries)
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -240,7 +242,7 @@ def run_consent(args: argparse.Namespace) -> int:
 
     state = args.state_dir if args.state_dir is not None else default_state_dir()
     if args.erase and args.choice != "off":
-        raise ValueError("--erase goes with off")
+        raise UsageError("--erase goes with off")
     if args.choice is not None:
         record_consent(state, args.choice == "on", erase=args.erase)
     outbox = CropOutbox(state)

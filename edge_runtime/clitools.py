@@ -1,6 +1,11 @@
 """What every ``infantino-*`` command shares: bad input ends in one line on stderr and a
 non-zero exit, never a traceback unless ``-v`` / ``--verbose`` asks for one.
 
+One exit-code convention for all four commands: 0 done, 1 the command failed (a missing
+file, a refused package, a server that does not answer), 2 the command line itself is wrong
+(argparse's errors, and ``UsageError`` for what argparse cannot check, like an option that
+must come from the environment when it is not given), 130 interrupted.
+
 Standard library only, so the device's command line and the server's, the exporter's and the
 demo's behave the same without pulling each other's dependencies in.
 """
@@ -11,8 +16,13 @@ import sys
 import traceback
 from typing import Callable, NoReturn
 
+FAILURE_EXIT = 1  # the command could not do what it was asked
 USAGE_EXIT = 2  # a malformed command line, as argparse has it
 INTERRUPTED_EXIT = 130
+
+
+class UsageError(ValueError):
+    """A command line that cannot mean anything (argparse could not tell): exit ``USAGE_EXIT``."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -40,8 +50,9 @@ def first_line(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {line}".rstrip(": ")[:500]
 
 
-def run_command(prog: str, call: Callable[[], int | None], *, verbose: bool = False, error_exit: int = 1) -> int:
-    """Run one sub-command; an exception becomes ``prog: error: <one line>`` and ``error_exit``."""
+def run_command(prog: str, call: Callable[[], int | None], *, verbose: bool = False) -> int:
+    """Run one sub-command; an exception becomes ``prog: error: <one line>`` and ``FAILURE_EXIT``
+    (``USAGE_EXIT`` for a ``UsageError``)."""
     try:
         return int(call() or 0)
     except KeyboardInterrupt:
@@ -51,4 +62,4 @@ def run_command(prog: str, call: Callable[[], int | None], *, verbose: bool = Fa
         if verbose:
             traceback.print_exc()
         print(f"{prog}: error: {first_line(exc)}", file=sys.stderr)
-        return error_exit
+        return USAGE_EXIT if isinstance(exc, UsageError) else FAILURE_EXIT

@@ -1,16 +1,14 @@
 """``DeviceConfig``: the settings of one device (the learning defaults were chosen by measurement,
-docs/edge.md), and where a device finds its package and state folder by default."""
+docs/edge.md). Plain settings, numpy-free imports: the learner reads them (where a device finds
+its package and state folder by default is ``paths``)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from .annotation_queue import DEFAULT_MAX_ITEMS
 from .extractor import DEFAULT_THREADS
-from .release import bundled_model_dir
-from .sync.state import managed_model_dir
 from .uncertainty import DEFAULT_THRESHOLD
+
+DEFAULT_MAX_ITEMS = 200  # frames the annotation queue keeps for the caregiver (``AnnotationQueue``)
 
 
 @dataclass(frozen=True)
@@ -43,35 +41,18 @@ class DeviceConfig:
     share_crops: bool | None = None  # consent to upload labelled face crops at sync; None: as recorded in the state folder (off unless given)
     seed: int = 0
     personalize: bool = True  # the camera's own adaptation on top of the shared head (personal.py)
-    personal_on: str = "shared"  # "shared": the fleet's head as adopted; "learned": this device's updated copy
+    personal_on: str = "shared"  # the head under the camera's part: "shared" (the fleet's, as adopted) or "learned"
+    # (this device's updated copy of it); a camera whose labels call for its own head gets one (personal.py, "personal")
     frame_pool: int = 256  # unlabelled frames kept as evidence of the camera's class mix
+    balance_shared: bool = True  # weigh a label in the shared update against the camera's class mix (learner._balance)
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "int8", "fp32"):
             raise ValueError(f"precision must be auto, int8 or fp32, not {self.precision!r}")
         if self.learn_steps < 1 or min(self.replay_mix, self.source_mix, self.replay_per_class, self.holdout_per_class) < 0:
             raise ValueError("learn_steps must be >= 1 and buffer sizes >= 0")
+        if self.personal_on not in ("shared", "learned"):
+            raise ValueError(f"personal_on must be shared or learned, not {self.personal_on!r}")
         if not 0.0 <= self.uncertainty_threshold <= 1.0:
             raise ValueError("uncertainty_threshold must be in [0, 1]")
 
-
-def default_model_dir() -> Path:
-    """``$INFANTINO_MODEL_DIR``, else ``./data/models``, else the release package installed with
-    this code (``release.bundled_model_dir``: in the wheel, or an editable install's checkout)."""
-    env = os.environ.get("INFANTINO_MODEL_DIR")
-    if env:
-        return Path(env)
-    here = Path("data/models")
-    if here.is_dir():
-        return here
-    return bundled_model_dir() or here  # no bundle: the missing ./data/models is what the error names
-
-
-def model_dir_for(state_dir: str | os.PathLike | None) -> Path:
-    """The package ``infantino-edge sync`` installed for this state folder, else ``default_model_dir()``."""
-    return managed_model_dir(Path(state_dir if state_dir is not None else default_state_dir())) or default_model_dir()
-
-
-def default_state_dir() -> Path:
-    """``$INFANTINO_STATE_DIR``, else ``~/.infantino-edge/state``."""
-    return Path(os.environ.get("INFANTINO_STATE_DIR") or Path.home() / ".infantino-edge" / "state")

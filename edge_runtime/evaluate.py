@@ -20,6 +20,7 @@ import numpy as np
 from .device import Device
 from .imagefolder import list_image_folder
 from .metrics import summarize
+from .package_runtime import PackageRuntime
 from .preprocess import ImageError
 
 
@@ -35,12 +36,13 @@ class EmbeddedSet:
     face_detect: bool
 
 
-def embed_folder(device: Device, folder: str | Path, detect: bool = True, batch: int = 64) -> EmbeddedSet:
-    """Embed every readable image of an ImageFolder tree; unreadable ones are listed, not fatal."""
+def embed_folder(device: Device | PackageRuntime, folder: str | Path, detect: bool = True, batch: int = 64) -> EmbeddedSet:
+    """Embed every readable image of an ImageFolder tree; unreadable ones are listed, not fatal (a
+    ``Device`` or, without any state, the ``PackageRuntime`` of a package: the gates)."""
     return embed_items(device, list_image_folder(folder), str(folder), detect, batch)
 
 
-def embed_items(device: Device, items: list[tuple[Path, int]], name: str = "", detect: bool = True,
+def embed_items(device: Device | PackageRuntime, items: list[tuple[Path, int]], name: str = "", detect: bool = True,
                 batch: int = 64) -> EmbeddedSet:
     """Embed labelled (path, class index) pairs, extractor in batches; unreadable ones are listed, not fatal."""
     tensors, labels, faces, skipped = [], [], [], []

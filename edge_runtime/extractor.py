@@ -1,43 +1,24 @@
 """The one owner of the ONNX Runtime session that turns face tensors into embeddings.
 
-CPU execution provider only, built once; thread count is a setting (a Raspberry Pi 4
-has four cores that also run the camera and face detection, so the default is two and
-idle threads sleep instead of spinning). Input and output names and shapes are read from
+CPU execution provider only, built once by ``onnx_session.cpu_session``; thread count is
+a setting (a Raspberry Pi 4 has four cores that also run the camera and face detection, so
+the default is two and idle threads sleep instead of spinning). Input and output names and shapes are read from
 the session, never assumed; tests may inject their own ``session``.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .onnx_session import ModelLoadError, cpu_session
+
 DEFAULT_THREADS = 2
 
 
-class ExtractorError(ValueError):
+class ExtractorError(ModelLoadError):
     """A model file or input tensor the extractor cannot use."""
-
-
-def cpu_session(path: str | os.PathLike, threads: int = DEFAULT_THREADS, spin: bool = False) -> Any:
-    """An ``InferenceSession`` on the CPU provider with ``threads`` intra-op threads."""
-    import onnxruntime as ort
-
-    if threads < 1:
-        raise ExtractorError("threads must be at least 1")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise ExtractorError(f"cannot load ONNX model {Path(path).name}: {first}") from exc
 
 
 class Extractor:
@@ -48,7 +29,10 @@ class Extractor:
         if session is None:
             if model_path is None:
                 raise ExtractorError("give a model path or a session")
-            session = cpu_session(model_path, threads)
+            try:
+                session = cpu_session(model_path, threads)
+            except ModelLoadError as exc:
+                raise ExtractorError(str(exc)) from exc
         self.session = session
         self.flip_average = flip_average  # test-time mirror: mean embedding of each face and its mirror image
         inputs, outputs = session.get_inputs(), session.get_outputs()

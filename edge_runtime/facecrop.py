@@ -55,6 +55,27 @@ def face_square(box: tuple[float, float, float, float], margin: float, keypoints
     return FaceSquare(x + w / 2.0, y + h / 2.0, max(side, 1.0), angle)
 
 
+SHRINK_FIRST = 1.5  # a square this many times larger than its crop is area-averaged before the warp
+
+
+def pixels_read(sq: FaceSquare, width: int, height: int, max_side: int = MAX_CROP_SIDE) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): a box holding every frame pixel ``cut`` reads for ``sq``, clipped to the
+    frame, so a caller may convert only these pixels to gray and get the same crop: the
+    neighbourhood ``cut`` area-averages, else the turned square and its bilinear neighbours."""
+    if sq.side / _out_side(sq, max_side) > SHRINK_FIRST:
+        r = sq.side * 0.75
+    else:
+        turn = math.radians(sq.angle)
+        r = sq.side / 2.0 * (abs(math.cos(turn)) + abs(math.sin(turn))) + 2.0
+    x0, y0 = max(0, math.floor(sq.cx - r)), max(0, math.floor(sq.cy - r))
+    x1, y1 = min(width, math.ceil(sq.cx + r) + 1), min(height, math.ceil(sq.cy + r) + 1)
+    return x0, y0, max(x0 + 1, x1), max(y0 + 1, y1)
+
+
+def _out_side(sq: FaceSquare, max_side: int) -> int:
+    return int(max(1, min(round(sq.side), max_side)))
+
+
 def cut(gray: np.ndarray, sq: FaceSquare, max_side: int = MAX_CROP_SIDE) -> np.ndarray:
     """The square's pixels, upright, as a uint8 (S, S) crop with S = min(side, max_side).
 
@@ -63,10 +84,10 @@ def cut(gray: np.ndarray, sq: FaceSquare, max_side: int = MAX_CROP_SIDE) -> np.n
     """
     import cv2
 
-    out = int(max(1, min(round(sq.side), max_side)))
+    out = _out_side(sq, max_side)
     factor = sq.side / out
     src, cx, cy = gray, sq.cx, sq.cy
-    if factor > 1.5:  # shrink the neighbourhood first: area averaging, then a near-1:1 warp
+    if factor > SHRINK_FIRST:  # shrink the neighbourhood first: area averaging, then a near-1:1 warp
         reach = sq.side * 0.75  # half the diagonal of the square, and a little more
         h, w = gray.shape
         x0, y0 = max(0, int(cx - reach)), max(0, int(cy - reach))

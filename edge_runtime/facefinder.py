@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from .blazeface import VARIANTS, BlazeFace, BlazeFaceSettings, Detection
-from .facecrop import cut, face_square
-from .preprocess import (FaceCrop, ImageSource, PreprocessSpec, centre_square, decode_gray, decode_rgb, detect_faces,
-                         rgb_to_gray, square_box)
+from .facecrop import FaceSquare, cut, face_square, pixels_read
+from .haar import detect_faces
+from .preprocess import (DEFAULT_SPEC, FaceCrop, ImageSource, Prepared, PreprocessSpec, centre_square, decode_gray,
+                         decode_rgb, normalize, resize_face, rgb_to_gray, square_box)
 
 HAAR = "opencv-haar-frontalface-default"
 BLAZEFACE_PREFIX = "blazeface-"
@@ -113,7 +114,12 @@ class FaceFinder:
         if self.blazeface is None:
             return self.crop_gray(decode_gray(source))
         rgb = decode_rgb(source)
-        return self.crop_arrays(rgb, rgb_to_gray(rgb))
+        found = self.blazeface.detect(rgb)
+        if found:
+            det = _largest(found)
+            sq = self._square(det)
+            return self._cut_square(_gray_near(rgb, sq), sq, det)
+        return self._fallback(rgb_to_gray(rgb))
 
     def crop_arrays(self, rgb: np.ndarray | None, gray: np.ndarray) -> FaceCrop:
         """The face of one decoded frame: BlazeFace on colour (or gray), then the fallbacks."""
@@ -121,6 +127,10 @@ class FaceFinder:
             found = self.blazeface.detect(rgb if rgb is not None else gray)
             if found:
                 return self._cut_detection(gray, _largest(found))
+        return self._fallback(gray)
+
+    def _fallback(self, gray: np.ndarray) -> FaceCrop:
+        """No BlazeFace face: Haar when the spec names it, else the centre square."""
         return self.crop_gray(gray, haar=self.blazeface is None or "opencv-haar" in self.spec.fallback)
 
     def crop_gray(self, gray: np.ndarray, haar: bool = True) -> FaceCrop:
@@ -143,8 +153,14 @@ class FaceFinder:
                 return boxes
         return detect_faces(gray, full)
 
+    def _square(self, det: Detection) -> FaceSquare:
+        return face_square(det.box, self.spec.face_margin, det.keypoints, self.spec.align_eyes)
+
     def _cut_detection(self, gray: np.ndarray, det: Detection) -> FaceCrop:
-        sq = face_square(det.box, self.spec.face_margin, det.keypoints, self.spec.align_eyes)
+        return self._cut_square(gray, self._square(det), det)
+
+    @staticmethod
+    def _cut_square(gray: np.ndarray, sq: FaceSquare, det: Detection) -> FaceCrop:
         h, w = gray.shape
         return FaceCrop(cut(gray, sq), True, sq.box(w, h), sq.angle, det.score)
 
@@ -153,6 +169,28 @@ def _largest(found: list[Detection]) -> Detection:
     return max(found, key=lambda d: d.box[2] * d.box[3])
 
 
+def _gray_near(rgb: np.ndarray, sq: FaceSquare) -> np.ndarray:
+    """A frame-sized gray array whose pixels ``cut`` reads for ``sq`` are ``rgb_to_gray``'s (the rest
+    is never read): converting a camera frame whole costs more than the crop resize."""
+    h, w = rgb.shape[:2]
+    x0, y0, x1, y1 = pixels_read(sq, w, h)
+    gray = np.zeros((h, w), np.uint8)
+    gray[y0:y1, x0:x1] = rgb_to_gray(rgb[y0:y1, x0:x1])
+    return gray
+
+
 @lru_cache(maxsize=16)
 def _haar_finder(spec: PreprocessSpec) -> FaceFinder:
     return FaceFinder(spec)
+
+
+def prepare(source: ImageSource, spec: PreprocessSpec = DEFAULT_SPEC, detect: bool = True, finder: "FaceFinder | None" = None) -> Prepared:
+    """Decode, crop and normalise one image: the whole device input path.
+
+    ``finder`` is the package's face finder (``FaceFinder.for_package``); without one the
+    spec's detector must be Haar, which needs no model file.
+    """
+    finder = finder if finder is not None else FaceFinder.haar(spec)
+    face = finder.crop(source, detect=detect)
+    small = resize_face(face.pixels, spec)
+    return Prepared(normalize(small, spec)[None], small, face.face_found, face.box)

@@ -30,7 +30,7 @@ from . import head_sklearn, safe_npz
 from .atomic import atomic_write_bytes
 from .head_sklearn import new_classifier  # noqa: F401  (importable from here, as before)
 from .mlp import ACTIVATIONS, AdamState, Batch, adam_update, forward, loss_and_grads
-from .preprocess import CLASSES
+from .classes import CLASSES
 
 if TYPE_CHECKING:  # pragma: no cover
     from sklearn.neural_network import MLPClassifier

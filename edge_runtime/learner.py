@@ -66,17 +66,20 @@ class GuardedLearner:
         self._shared: tuple[list[np.ndarray], OnlineHead] | None = None  # (the anchor it was built from, the head)
 
     @property
-    def predicting_head(self) -> OnlineHead:
-        """The head the camera's adaptation sits on: the fleet's head as adopted (``personal_on="shared"``,
-        the default: measured in bench/personalization.py) or this device's locally learned copy."""
-        if self.config.personal_on == "learned":
-            return self.head
+    def shared_head(self) -> OnlineHead:
+        """The fleet's head as this device adopted it (the L2-SP anchor), before any local update."""
         cached = self._shared
         if cached is None or cached[0] is not self.anchor_weights:  # adopted, restored or loaded since
             n = len(self.head.coefs)
             head = OnlineHead.from_arrays(self.anchor_weights[:n], self.anchor_weights[n:], self.classes, self.head.params)
             self._shared = cached = (self.anchor_weights, head)
         return cached[1]
+
+    @property
+    def predicting_head(self) -> OnlineHead:
+        """The head the camera's part sits on: the fleet's head as adopted (``personal_on="shared"``, the
+        default), or this device's locally updated copy ("learned", the behaviour before issue 19)."""
+        return self.head if self.config.personal_on == "learned" else self.shared_head
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """The camera's probabilities for embeddings ``x`` (N, dim): shared head, then the camera's own part."""
@@ -93,7 +96,7 @@ class GuardedLearner:
 
     def _personal_label(self, x: np.ndarray, y: int) -> None:
         if self.config.personalize:
-            self.camera.labelled(x, y, self.predicting_head, self.kept())
+            self.camera.labelled(x, y, self.predicting_head, self.kept)
 
     @property
     def anchor_strength(self) -> float:
@@ -124,7 +127,18 @@ class GuardedLearner:
         ax, ay = self.source.sample(c.source_mix, rng)
         xb = np.concatenate([x[None], rx, ax])
         yb = np.concatenate([[y], ry, ay]).astype(np.int64)
-        return xb, yb, np.concatenate([[c.new_weight], np.ones(len(ry) + len(ay))])
+        return xb, yb, np.concatenate([[c.new_weight * self._balance(y)], np.ones(len(ry) + len(ay))])
+
+    def _balance(self, y: int) -> float:
+        """The new label's weight in the shared update, against this camera's class mix: the mix is the
+        camera's own (its prior, ``camera``), the shared head should learn what an expression looks like,
+        so a label of the camera's everyday class counts less, a rare one more (1/K over the label
+        frequency, Laplace-smoothed, within [1/4, 4]; ``balance_shared``)."""
+        if not self.config.balance_shared:
+            return 1.0
+        counts = self.camera.recent
+        freq = (counts[y] + 1.0) / (counts.sum() + len(counts))
+        return float(np.clip(1.0 / (len(counts) * freq), 0.25, 4.0))
 
     def learn(self, x: np.ndarray, y: int) -> LearnResult:
         """One guarded update from a checked embedding ``x`` (float32, ``dim``) of class index ``y``."""

@@ -17,10 +17,10 @@ import numpy as np
 from . import safe_npz
 from .config import DeviceConfig
 from .extractor import Extractor
-from .facefinder import FaceFinder, uses_blazeface
+from .facefinder import FaceFinder, prepare, uses_blazeface
 from .head import HeadFormatError, OnlineHead
 from .package import ModelPackage, PackageError, open_package
-from .preprocess import ImageSource, PreprocessSpec, Prepared, faces_tensor, prepare
+from .preprocess import ImageSource, PreprocessSpec, Prepared, faces_tensor
 from .replay import ReplayBuffer
 
 
@@ -48,7 +48,7 @@ class PackageRuntime:
         return cls(package, tuple(manifest.classes), manifest.embedding_dim, spec, finder, role, extractor)
 
     def prepare(self, image: ImageSource, detect: bool) -> Prepared:
-        """Decode, crop and normalise a frame: ``preprocess.prepare`` with this package's face finder."""
+        """Decode, crop and normalise a frame: ``facefinder.prepare`` with this package's face finder."""
         return prepare(image, self.spec, detect=detect, finder=self.finder)
 
     def head(self) -> OnlineHead:

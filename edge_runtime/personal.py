@@ -22,11 +22,14 @@ angle. Both are a handful of numbers, so a few labels estimate them well, where 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 EPS = 1e-12
-LEVELS = ("shared", "prior", "prior+bias", "prior+bias+residual")  # what a camera may add on top of the shared head
+# what a camera may use: the shared head as it is, with a prior, with a prior and a bias, with a residual
+# layer (off by default), or its own personal head (Ditto: a copy trained on its labels, pulled toward the shared one)
+LEVELS = ("shared", "prior", "prior+bias", "prior+bias+residual", "personal")
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class PersonalSettings:
 
     pseudo_count: float = 2.0  # Dirichlet pull of the prior toward ``ref`` (in labels)
     frame_weights: tuple[float, ...] = (0.0, 0.25, 1.0)  # what one unlabelled frame counts against one label (the guard picks)
+    count_horizon: float = 200.0  # labels: older labels fade from the class mix with this time constant (a baby changes)
     em_iterations: int = 30
     bias_l2: float = 0.05  # L2 on the per-class logit bias
     bias_min_labels: int = 10  # fewer labels than this: no bias
@@ -47,6 +51,10 @@ class PersonalSettings:
     residual_steps: int = 60
     residual_min_labels: int = 20
     residual: bool = False  # offer the residual to the guard (measured: no gain, a risk with noisy labels)
+    personal_epochs: int = 30  # full-batch Adam steps of the personal head on the camera's kept labels
+    personal_lr: float = 1e-2  # their learning rate (as good as 30 steps at 1e-3 on infants, and it can fix a plainly wrong head)
+    personal_strength: float = 1.0  # its L2 pull toward the shared head (Ditto's lambda)
+    personal_min_labels: int = 10
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class Adaptation:
     level: str  # one of LEVELS: what the guard let through
     residual: np.ndarray | None = None  # (D, K) personal linear correction of the logits, or None
     frame_weight: float = 0.0  # what an unlabelled frame counted for in ``prior``
+    head: object | None = None  # the personal head (an ``OnlineHead``) for level "personal"
 
     @classmethod
     def none(cls, ref: np.ndarray) -> "Adaptation":
@@ -65,14 +74,16 @@ class Adaptation:
 
     def offset(self, ref: np.ndarray) -> np.ndarray:
         """The log-space offset added to every frame's shared log-probabilities."""
-        if self.level == "shared":
+        if self.level in ("shared", "personal"):
             return np.zeros(len(ref))
         off = np.log(np.maximum(self.prior, EPS)) - np.log(np.maximum(ref, EPS))
-        return off + (self.bias if self.level == "prior+bias" else 0.0)
+        return off + (0.0 if self.level == "prior" else self.bias)
 
     def apply(self, probs: np.ndarray, ref: np.ndarray, x: np.ndarray | None = None) -> np.ndarray:
         """The camera's probabilities from the shared head's (N, K) (and the embeddings ``x`` (N, D)
-        when the adaptation holds a residual)."""
+        when the adaptation holds a residual or a personal head)."""
+        if self.head is not None and x is not None:
+            return self.head.predict_proba(np.asarray(x, np.float32).reshape(len(probs), -1))
         off = self.offset(ref)
         if self.residual is not None and x is not None:
             off = off + np.asarray(x, np.float64) @ self.residual
@@ -170,20 +181,38 @@ class Candidate:
     frame_weight: float = 0.0
 
 
-def candidates(s: PersonalSettings, with_residual: bool) -> list[Candidate]:
-    """Simplest first (the guard breaks ties toward the front): the shared head, then each level at each frame weight."""
-    levels = [lvl for lvl in LEVELS[1:] if with_residual or not lvl.endswith("residual")]
-    return [Candidate("shared")] + [Candidate(lvl, w) for lvl in levels for w in s.frame_weights]
+def candidates(s: PersonalSettings, with_residual: bool, with_personal: bool) -> list[Candidate]:
+    """Simplest first (the guard breaks ties toward the front): the shared head, each level at each
+    frame weight, then the personal head."""
+    levels = [lvl for lvl in LEVELS[1:-1] if with_residual or not lvl.endswith("residual")]
+    return [Candidate("shared")] + [Candidate(lvl, w) for lvl in levels for w in s.frame_weights] + \
+        ([Candidate("personal")] if with_personal else [])
+
+
+def fit_personal_head(shared, x: np.ndarray, y: np.ndarray, s: PersonalSettings):
+    """Ditto (Li et al. 2021): a copy of the shared head trained on the camera's labels, full batch,
+    with an L2 pull toward the shared weights; the shared head itself is not touched."""
+    head = shared.copy()
+    anchor = [w.copy() for w in shared.weights()]
+    for _ in range(s.personal_epochs):
+        head.learn_step(np.asarray(x, np.float32), np.asarray(y, np.int64), anchor=anchor, anchor_strength=s.personal_strength,
+                        learning_rate=s.personal_lr)
+    return head
 
 
 def adapt(frame_probs: np.ndarray, label_probs: np.ndarray, y: np.ndarray, ref: np.ndarray, cand: Candidate,
-          s: PersonalSettings, label_x: np.ndarray | None = None) -> Adaptation:
+          s: PersonalSettings, label_x: np.ndarray | None = None, counts: np.ndarray | None = None,
+          shared=None) -> Adaptation:
     """The adaptation ``cand`` from unlabelled frames and labelled ones (shared-head probabilities;
-    ``label_x``, the labelled embeddings, for the residual)."""
+    ``label_x``, the labelled embeddings, for the residual; ``counts``, the camera's label counts
+    when ``y`` is only a sample of its labels, as a device keeps them)."""
     if cand.level == "shared":
         return Adaptation.none(ref)
+    if cand.level == "personal":
+        return Adaptation(np.asarray(ref, np.float64), np.zeros(len(ref)), "personal",
+                          head=fit_personal_head(shared, label_x, y, s))
     k = len(ref)
-    counts = np.bincount(y, minlength=k).astype(np.float64)
+    counts = np.bincount(y, minlength=k).astype(np.float64) if counts is None else np.asarray(counts, np.float64)
     prior = em_prior(frame_probs, counts, ref, s.pseudo_count, s.em_iterations, frame_weight=cand.frame_weight)
     bias = np.zeros(k)
     residual = None
@@ -196,7 +225,8 @@ def adapt(frame_probs: np.ndarray, label_probs: np.ndarray, y: np.ndarray, ref: 
 
 
 def cv_losses(frame_probs: np.ndarray, label_probs: np.ndarray, y: np.ndarray, ref: np.ndarray, s: PersonalSettings,
-              cands: list[Candidate], label_x: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              cands: list[Candidate], label_x: np.ndarray | None = None,
+              counts: np.ndarray | None = None, shared=None) -> tuple[np.ndarray, np.ndarray]:
     """Per candidate and label: (log-loss, right or not), every label scored by an adaptation fitted
     without its fold (its frame back in the unlabelled pool, as it was before it was labelled)."""
     n = len(y)
@@ -206,8 +236,12 @@ def cv_losses(frame_probs: np.ndarray, label_probs: np.ndarray, y: np.ndarray, r
     for f in np.unique(folds):
         test = folds == f
         pool = np.concatenate([frame_probs.reshape(-1, len(ref)), label_probs[test]])
+        fold_counts = None  # the camera's counts less the held-out fold's share of them
+        if counts is not None:
+            fold_counts = np.maximum(counts - np.bincount(y[test], minlength=len(ref)) * counts.sum() / n, 0.0)
         for i, cand in enumerate(cands):
-            a = adapt(pool, label_probs[~test], y[~test], ref, cand, s, None if label_x is None else label_x[~test])
+            a = adapt(pool, label_probs[~test], y[~test], ref, cand, s, None if label_x is None else label_x[~test],
+                      fold_counts, shared)
             p = a.apply(label_probs[test], ref, None if label_x is None else label_x[test])
             losses[i, test] = -np.log(np.maximum(p[np.arange(test.sum()), y[test]], EPS))
             hits[i, test] = p.argmax(axis=1) == y[test]
@@ -217,19 +251,22 @@ def cv_losses(frame_probs: np.ndarray, label_probs: np.ndarray, y: np.ndarray, r
 def cv_scores(frame_probs: np.ndarray, label_probs: np.ndarray, y: np.ndarray, ref: np.ndarray, s: PersonalSettings,
               cands: list[Candidate], label_x: np.ndarray | None = None) -> list[tuple[float, float]]:
     """Each candidate's cross-validated (accuracy, mean log-loss) on the camera's labels."""
-    losses, hits = cv_losses(frame_probs, label_probs, y, ref, s, cands, label_x)
+    losses, hits = cv_losses(frame_probs, label_probs, y, ref, s, cands, label_x, counts)
     return [(float(h.mean()), float(l.mean())) for h, l in zip(hits, losses)]
 
 
-def pick_paired(losses: np.ndarray, z: float) -> int:
+def pick_paired(losses: np.ndarray, z: float, hits: np.ndarray | None = None) -> int:
     """The guard's verdict from per-label cross-validated log-losses (candidates x labels): among the
     candidates whose gain over the shared head (row 0) is at least ``z`` standard errors of the paired
-    per-label differences, the one with the lowest mean loss; else the shared head. Few labels need a
-    large gain, many labels a consistent one: a camera is adapted only when its own labels say clearly."""
+    per-label differences (and, given ``hits``, that get no fewer labels right), the one with the
+    lowest mean loss; else the shared head. Few labels need a large gain, many labels a consistent
+    one: a camera is adapted only when its own labels say clearly."""
     gains = losses[0] - losses
     n = losses.shape[1]
     se = gains.std(axis=1, ddof=1) / np.sqrt(n) if n > 1 else np.full(len(losses), np.inf)
     ok = gains.mean(axis=1) > z * se + 1e-12
+    if hits is not None:
+        ok &= hits.sum(axis=1) >= hits[0].sum()
     ok[0] = True
     means = np.where(ok, losses.mean(axis=1), np.inf)
     return int(np.argmin(means))
@@ -255,69 +292,96 @@ def pick(scores: list[tuple[float, float]], metric: str, margin: float = 0.0) ->
 
 
 def choose(frame_probs: np.ndarray, label_probs: np.ndarray, y: np.ndarray, ref: np.ndarray,
-           s: PersonalSettings = PersonalSettings(), label_x: np.ndarray | None = None) -> Adaptation:
+           s: PersonalSettings = PersonalSettings(), label_x: np.ndarray | None = None,
+           counts: np.ndarray | None = None, shared=None, residual: bool = False) -> Adaptation:
     """The guarded adaptation: the candidate that cross-validation on the camera's own labels says is
     best (``pick``); with too few labels to judge, none (a prior from unlabelled frames alone cost a
     uniform-mix camera 2-3 points: docs/personalization.md)."""
     y = np.asarray(y, np.int64)
     if len(y) < s.guard_min_labels:
         return Adaptation.none(ref)
-    cands = candidates(s, label_x is not None)
-    losses, hits = cv_losses(frame_probs, label_probs, y, ref, s, cands, label_x)
+    cands = candidates(s, residual and label_x is not None,
+                       shared is not None and label_x is not None and len(y) >= s.personal_min_labels)
+    losses, hits = cv_losses(frame_probs, label_probs, y, ref, s, cands, label_x, counts, shared)
     if s.guard_metric == "paired":
-        best = pick_paired(losses, s.guard_z)
+        best = pick_paired(losses, s.guard_z, hits)
     else:
         best = pick([(float(h.mean()), float(l.mean())) for h, l in zip(hits, losses)], s.guard_metric, s.guard_margin)
-    return adapt(frame_probs, label_probs, y, ref, cands[best], s, label_x)
+    return adapt(frame_probs, label_probs, y, ref, cands[best], s, label_x, counts, shared)
 
 
 class FramePool:
-    """The camera's recent unlabelled frames, oldest first (float16: 256 frames of 64-d are 32 KiB of
-    state), the evidence for its class mix. A frame the caregiver labels leaves the pool (it is
-    known now, counted in the labels)."""
+    """The camera's recent unlabelled frames, oldest first: embeddings (float16: 256 frames of 64-d are
+    32 KiB of state) and the head's probabilities for each as it saw them, the evidence for its class
+    mix. A frame the caregiver labels leaves the pool (it is known now, counted in the labels)."""
 
-    def __init__(self, dim: int, size: int = 256):
+    def __init__(self, dim: int, size: int = 256, n_classes: int = 7):
         self.x = np.zeros((size, dim), np.float16)
+        self.p = np.zeros((size, n_classes), np.float32)
         self.n = 0  # rows 0..n-1 hold frames, oldest first
 
     def __len__(self) -> int:
         return self.n
 
-    def add(self, x: np.ndarray) -> None:
+    def add(self, x: np.ndarray, probs: np.ndarray) -> None:
         if not len(self.x):
             return
         if self.n == len(self.x):  # full: the oldest goes (a 32 KiB shift, microseconds)
-            self.x[:-1] = self.x[1:]
+            self.x[:-1], self.p[:-1] = self.x[1:], self.p[1:]
             self.n -= 1
-        self.x[self.n] = x
+        self.x[self.n], self.p[self.n] = x, probs
         self.n += 1
 
     def discard(self, x: np.ndarray) -> bool:
         """Drop the newest frame equal to ``x`` (compared as float16); False when none is."""
-        hits = np.flatnonzero(np.all(self.x[: self.n] == np.asarray(x, np.float16), axis=1))
-        if not len(hits):
+        x16 = np.asarray(x, np.float16).reshape(-1)
+        near = np.flatnonzero(self.x[: self.n, 0] == x16[0])  # one column first: a full compare of 256 rows costs 0.2 ms
+        hits = [i for i in near if np.array_equal(self.x[i], x16)]
+        if not hits:
             return False
         i = int(hits[-1])
-        self.x[i : self.n - 1] = self.x[i + 1 : self.n]
+        self.x[i : self.n - 1], self.p[i : self.n - 1] = self.x[i + 1 : self.n], self.p[i + 1 : self.n]
         self.n -= 1
         return True
 
     def all(self) -> np.ndarray:
         return self.x[: self.n].astype(np.float32)
 
+    def probs(self) -> np.ndarray:
+        """The head's probabilities for each frame, as stored (refreshed at each guard run)."""
+        return self.p[: self.n].astype(np.float64)
+
+    def reprobe(self, head) -> np.ndarray:
+        """Every frame's probabilities under ``head`` (a new or updated head), stored and returned."""
+        if self.n:
+            self.p[: self.n] = head.predict_proba(self.all())
+        return self.probs()
+
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"pool_x": self.x[: self.n].copy()}
+        return {"pool_x": self.x[: self.n].copy(), "pool_p": self.p[: self.n].copy()}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], dim: int, size: int) -> "FramePool":
-        pool = cls(dim, size)
+    def from_arrays(cls, arrays: dict[str, np.ndarray], dim: int, size: int, n_classes: int) -> "FramePool":
+        pool = cls(dim, size, n_classes)
         x = np.asarray(arrays.get("pool_x", np.zeros((0, dim), np.float16)), np.float16)
-        if x.ndim != 2 or x.shape[1] != dim or not np.all(np.isfinite(x)):
+        p = np.asarray(arrays.get("pool_p", np.full((len(x), n_classes), 1.0 / n_classes)), np.float32)
+        if x.ndim != 2 or x.shape[1] != dim or p.shape != (len(x), n_classes) or not (np.all(np.isfinite(x)) and np.all(np.isfinite(p))):
             raise ValueError("pool arrays do not fit this package's embeddings")
-        keep = x[len(x) - min(len(x), size):]
-        pool.x[: len(keep)] = keep
-        pool.n = len(keep)
+        keep = slice(len(x) - min(len(x), size), len(x))
+        pool.n = len(x[keep])
+        pool.x[: pool.n], pool.p[: pool.n] = x[keep], p[keep]
         return pool
+
+
+def describe(summary: dict) -> str:
+    """One line of what a camera learned (``CameraModel.summary``), for the CLI and ``watch``."""
+    n = sum(summary["labels"].values())
+    if summary["level"] == "shared":
+        return f"camera: the fleet's head as it is ({n} labels so far)"
+    top = sorted(summary["prior"].items(), key=lambda kv: -kv[1])[:3]
+    mix = ", ".join(f"{c} {p:.0%}" for c, p in top)
+    what = "its own head (trained on its labels)" if summary["level"] == "personal" else f"{summary['level']} on the fleet's head"
+    return f"camera: {what} from {n} labels (mix mostly {mix})"
 
 
 def guard_due(n_labels: int) -> bool:
@@ -340,8 +404,9 @@ class CameraModel:
                  refresh_every: int = 32):
         self.settings = settings
         self.ref = np.full(n_classes, 1.0 / n_classes)
-        self.pool = FramePool(dim, pool_size)
+        self.pool = FramePool(dim, pool_size, n_classes)
         self.counts = np.zeros(n_classes, np.int64)  # every label the caregiver gave, per class
+        self.recent = np.zeros(n_classes)  # the same, older ones faded (``count_horizon``): the class mix now
         self.adaptation = Adaptation.none(self.ref)
         self.refresh_every = refresh_every
         self._since = 0  # frames observed since the prior was last re-estimated
@@ -352,40 +417,45 @@ class CameraModel:
 
     def observe(self, x: np.ndarray, head) -> None:
         """A frame the camera saw: into the pool; every ``refresh_every`` frames the prior is re-estimated."""
-        self.pool.add(x)
+        self.pool.add(x, head.predict_proba(np.asarray(x, np.float32).reshape(1, -1))[0])
         self._since += 1
         if self._since >= self.refresh_every:
             self.refresh(head)
 
+
     def refresh(self, head, kept: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """Refit the chosen level on the current frames (and ``kept`` labelled embeddings when given)."""
+        """Refit the chosen level: on ``kept`` labelled embeddings as well (a new head or extractor), or
+        only the prior, warm-started, from the frames and label counts (between two guard runs: ~0.1 ms)."""
         self._since = 0
         a = self.adaptation
-        if a.level == "shared":
-            return  # no labels yet, or the guard said no: frames alone do not overrule it
-        level = a.level
-        frames = head.predict_proba(self.pool.all()) if len(self.pool) else np.zeros((0, len(self.ref)))
-        if kept is None:  # frames only: new prior, the fitted bias and residual kept
-            prior = em_prior(frames, self.counts, self.ref, self.settings.pseudo_count, self.settings.em_iterations,
-                             start=a.prior, frame_weight=a.frame_weight)
-            self.adaptation = Adaptation(prior, a.bias, level, a.residual, a.frame_weight)
+        if a.level == "shared" or a.level == "personal" and kept is None:
+            return  # no labels yet, or the guard said no (frames alone do not overrule it); a personal head needs labels
+        if kept is None:
+            prior = em_prior(self.pool.probs(), self.recent, self.ref, self.settings.pseudo_count, self.settings.em_iterations,
+                             tol=1e-4, start=a.prior, frame_weight=a.frame_weight)
+            self.adaptation = Adaptation(prior, a.bias, a.level, a.residual, a.frame_weight)
             return
         kx, ky = kept
+        frames = self.pool.reprobe(head)
         self.adaptation = adapt(frames, head.predict_proba(kx) if len(ky) else frames[:0], ky, self.ref,
-                                Candidate(level, a.frame_weight), self.settings, kx)
+                                Candidate(a.level, a.frame_weight), self.settings, kx, self.recent, head)
 
-    def labelled(self, x: np.ndarray, y: int, head, kept: tuple[np.ndarray, np.ndarray]) -> None:
-        """A caregiver's label of frame ``x``: counted, out of the pool, and the adaptation re-judged
-        (``kept``: the labelled embeddings the device keeps, this one included)."""
+    def labelled(self, x: np.ndarray, y: int, head, kept: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
+        """A caregiver's label of frame ``x``: counted, out of the pool, and the adaptation re-judged by the
+        guard when due (``guard_due``), else only its prior updated from the stored frame probabilities
+        (``kept()``: the labelled embeddings the device keeps, this one included)."""
         self.pool.discard(x)
         self.counts[int(y)] += 1
-        kx, ky = kept
-        if guard_due(self.n_labels):
-            frames = head.predict_proba(self.pool.all()) if len(self.pool) else np.zeros((0, len(self.ref)))
-            self.adaptation = choose(frames, head.predict_proba(kx) if len(ky) else frames[:0], ky, self.ref, self.settings,
-                                     kx if self.settings.residual else None)
-        else:
-            self.refresh(head, kept)
+        if self.settings.count_horizon > 0:
+            self.recent *= np.exp(-1.0 / self.settings.count_horizon)
+        self.recent[int(y)] += 1.0
+        if not guard_due(self.n_labels):
+            self.refresh(head)
+            return
+        kx, ky = kept()
+        frames = self.pool.reprobe(head)
+        self.adaptation = choose(frames, head.predict_proba(kx) if len(ky) else frames[:0], ky, self.ref, self.settings,
+                                 kx, self.recent, head, self.settings.residual)
 
     def apply(self, probs: np.ndarray, x: np.ndarray | None = None) -> np.ndarray:
         return self.adaptation.apply(probs, self.ref, x)
@@ -393,16 +463,20 @@ class CameraModel:
     def summary(self, classes: tuple[str, ...]) -> dict:
         """What the camera has learned, for status, the caregiver page and ``watch``."""
         a = self.adaptation
+        mix = a.prior if a.level not in ("shared", "personal") else (self.recent + 1.0) / (self.recent.sum() + len(self.ref))
         return {"level": a.level, "labels": {c: int(n) for c, n in zip(classes, self.counts)},
-                "prior": {c: round(float(p), 4) for c, p in zip(classes, a.prior)},
+                "prior": {c: round(float(p), 4) for c, p in zip(classes, mix)},
                 "frames": len(self.pool)}
 
     # ------------------------------------------------------------ state
     def to_arrays(self) -> dict[str, np.ndarray]:
         a = self.adaptation
-        arrays = {**self.pool.to_arrays(), "personal_counts": self.counts.copy(), "personal_prior": a.prior.copy(),
+        arrays = {**self.pool.to_arrays(), "personal_counts": self.counts.copy(), "personal_recent": self.recent.copy(),
+                  "personal_prior": a.prior.copy(),
                   "personal_bias": a.bias.copy(), "personal_level": np.array(LEVELS.index(a.level), np.int64),
                   "personal_frame_weight": np.array(a.frame_weight, np.float64)}
+        if a.head is not None:
+            arrays["personal_head_npz"] = np.frombuffer(a.head.to_bytes(), np.uint8)
         if a.residual is not None:
             arrays["personal_residual"] = a.residual.copy()
         return arrays
@@ -421,15 +495,41 @@ class CameraModel:
                 counts.min() < 0 or not (np.all(np.isfinite(prior)) and np.all(np.isfinite(bias))) or prior.min() < 0 or \
                 (residual is not None and (residual.shape != (dim, k) or not np.all(np.isfinite(residual)))):
             raise ValueError("personal arrays do not fit this package's classes or embeddings")
-        self.pool = FramePool.from_arrays(arrays, dim, len(self.pool.x))
+        self.pool = FramePool.from_arrays(arrays, dim, len(self.pool.x), k)
         self.counts = counts
+        recent = np.asarray(arrays.get("personal_recent", counts), np.float64)
+        self.recent = recent if recent.shape == (k,) and np.all(np.isfinite(recent)) and recent.min() >= 0 else counts.astype(np.float64)
         weight = float(np.asarray(arrays.get("personal_frame_weight", 0.0)))
+        head = None
+        if LEVELS[level] == "personal":
+            from .head import HeadFormatError, OnlineHead
+
+            try:
+                head = OnlineHead.from_bytes(np.asarray(arrays["personal_head_npz"], np.uint8).tobytes())
+            except (KeyError, HeadFormatError) as exc:
+                raise ValueError(f"personal head: {exc}") from exc
+            if len(head.classes) != k or head.input_dim != dim:
+                raise ValueError("personal head does not fit this package's classes or embeddings")
         self.adaptation = Adaptation(prior / max(prior.sum(), EPS), bias, LEVELS[level], residual,
-                                     weight if np.isfinite(weight) and weight >= 0 else 0.0)
+                                     weight if np.isfinite(weight) and weight >= 0 else 0.0, head)
+
+    def carried_to(self, n_classes: int, dim: int) -> "CameraModel | None":
+        """This camera's part for a package with another extractor: the label counts and the class mix
+        travel (they are about the baby, not the model), the frames and the head-specific bias do not;
+        None when the classes differ."""
+        if n_classes != len(self.ref):
+            return None
+        cam = CameraModel(n_classes, dim, self.settings, len(self.pool.x), self.refresh_every)
+        cam.counts, cam.recent = self.counts.copy(), self.recent.copy()
+        a = self.adaptation
+        if a.level not in ("shared", "personal"):  # a personal head belongs to the old extractor: relearned at the next guard run
+            cam.adaptation = Adaptation(a.prior.copy(), np.zeros(n_classes), "prior", None, a.frame_weight)
+        return cam
 
     def forget_frames(self) -> None:
         """A new extractor: the pool's embeddings mean nothing to it (the prior and the counts stay)."""
-        self.pool = FramePool(self.pool.x.shape[1], len(self.pool.x))
-        if self.adaptation.residual is not None:
-            a = self.adaptation
-            self.adaptation = Adaptation(a.prior, a.bias, "prior+bias", None)
+        self.pool = FramePool(self.pool.x.shape[1], len(self.pool.x), len(self.ref))
+        a = self.adaptation
+        if a.residual is not None or a.head is not None:  # both read embeddings of the old extractor
+            self.adaptation = Adaptation(a.prior, a.bias, "prior+bias", None, a.frame_weight) if a.head is None \
+                else Adaptation.none(self.ref)

@@ -11,12 +11,13 @@ import io
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+from .classes import CLASSES  # noqa: F401  (preprocess.CLASSES, as everybody imports it)
+from .haar import HAAR_MAX_SIDE, detect_faces
 
 # Memory. A device runs in 150 MB RSS, ~100 MB of it the running device (ONNX Runtime, the
 # package, the detector), so one decode may use DECODE_MEMORY. Decoding peaks at about
@@ -40,9 +41,6 @@ MAX_BYTES = 64 * 1024 * 1024
 MIN_CROP_STD = 3.0
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-if TYPE_CHECKING:
-    from .facefinder import FaceFinder
-
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
 
@@ -64,7 +62,7 @@ class PreprocessSpec:
     color: str = "grayscale-ITU-R-601-2 (Pillow 'L'); alpha composited on white"
     face_margin: float = 0.25
     face_detector: str = "opencv-haar-frontalface-default"  # or "blazeface-short_range" / "blazeface-full_range"
-    detect_max_side: int = 320  # Haar runs on a copy this size (BlazeFace has its own input size)
+    detect_max_side: int = HAAR_MAX_SIDE  # Haar runs on a copy this size (BlazeFace has its own input size)
     detect_coarse_side: int = 0  # Haar looks at a copy this size first (0: one pass at detect_max_side)
     fallback: str = "centre-square"  # "opencv-haar,centre-square": Haar when BlazeFace finds nothing
     detector_score: float = 0.5  # BlazeFace score threshold
@@ -271,40 +269,6 @@ def array_to_gray(frame: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- face crop
 
-_CASCADE = None
-
-
-def _cascade():
-    """The Haar detector, loaded once (OpenCV is imported only when detection is used)."""
-    global _CASCADE
-    if _CASCADE is None:
-        import cv2
-
-        path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
-        cascade = cv2.CascadeClassifier(path)
-        if cascade.empty():
-            raise RuntimeError(f"cannot load the Haar cascade at {path}")
-        _CASCADE = cascade
-    return _CASCADE
-
-
-def detect_faces(gray: np.ndarray, max_side: int = DEFAULT_SPEC.detect_max_side) -> list[tuple[int, int, int, int]]:
-    """Face boxes (x, y, w, h) in ``gray``'s coordinates, largest first.
-
-    Detection runs on a copy downscaled to ``max_side`` (Haar on a full 640 px frame is
-    several times slower); boxes are scaled back so the crop keeps full resolution.
-    """
-    import cv2
-
-    h, w = gray.shape
-    scale = min(1.0, max_side / max(h, w))
-    small = gray if scale == 1.0 else cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    min_side = max(20, int(min(small.shape) * 0.08))
-    boxes = _cascade().detectMultiScale(small, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))
-    out = [tuple(int(round(v / scale)) for v in b) for b in (boxes if len(boxes) else [])]
-    return sorted(out, key=lambda b: b[2] * b[3], reverse=True)
-
-
 def square_box(box: tuple[int, int, int, int], margin: float, width: int, height: int) -> tuple[int, int, int, int]:
     """Grow a box by ``margin`` on each side into a square, clipped to the frame."""
     x, y, w, h = box
@@ -376,17 +340,3 @@ class Prepared:
     crop: np.ndarray  # uint8 resized face crop (H, W)
     face_found: bool
     box: tuple[int, int, int, int]
-
-
-def prepare(source: ImageSource, spec: PreprocessSpec = DEFAULT_SPEC, detect: bool = True, finder: "FaceFinder | None" = None) -> Prepared:
-    """Decode, crop and normalise one image: the whole device input path.
-
-    ``finder`` is the package's face finder (``FaceFinder.for_package``); without one the
-    spec's detector must be Haar, which needs no model file.
-    """
-    from .facefinder import FaceFinder
-
-    finder = finder if finder is not None else FaceFinder.haar(spec)
-    face = finder.crop(source, detect=detect)
-    small = resize_face(face.pixels, spec)
-    return Prepared(normalize(small, spec)[None], small, face.face_found, face.box)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ from .atomic import atomic_write_bytes, atomic_write_text
 from .state_lock import StateLock
 
 MAGIC = b"INFANTINO-STATE/1\n"
+# A folder's mtime is trusted as "unchanged" only this long after it was set: longer than any file
+# system's timestamp granularity (ext4 and tmpfs: a clock tick; FAT: 2 s), so two changes within one
+# tick can never hide the second.
+SETTLED_NS = 3_000_000_000
 _NAME = re.compile(r"^snapshot-(\d{10})\.bin$")
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,8 @@ class StateStore:
             raise ValueError("keep at least two generations: the newest and a last good one")
         self.folder = Path(folder)
         self.keep = keep
+        self._listed_stamp: tuple[int, int, int, int] | None = None  # the folder's settled stamp at the last listing
+        self._listed_latest = 0  # and the newest generation that listing found
 
     # ---------------------------------------------------------------- listing
     def generations(self) -> list[tuple[int, Path]]:
@@ -101,10 +108,36 @@ class StateStore:
         found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _NAME.match(p.name))]
         return sorted(found, reverse=True)
 
-    def latest_generation(self) -> int:
-        """The newest generation on disk (0: none); a folder listing, cheap enough to ask before every change."""
+    def latest_generation(self, *, by_stamp: bool = False) -> int:
+        """The newest generation on disk (0: none): a folder listing, cheap enough before every change.
+
+        ``by_stamp`` (a camera asks before every frame) answers from one ``stat`` of the folder while
+        its stamp is the one of the last listing: a snapshot is renamed into the folder, which moves
+        the folder's mtime. A stamp younger than ``SETTLED_NS`` is never trusted (a second change
+        within the file system's timestamp granularity would leave it unchanged), so the answer is
+        the listing's, only cheaper."""
+        if not by_stamp:
+            return self._list_latest()
+        before = time.time_ns()
+        stamp = self._stamp()
+        if stamp is not None and stamp == self._listed_stamp:
+            return self._listed_latest
+        latest = self._list_latest()
+        settled = stamp is not None and before - max(stamp[2], stamp[3]) > SETTLED_NS
+        self._listed_stamp, self._listed_latest = (stamp if settled else None), latest
+        return latest
+
+    def _list_latest(self) -> int:
         gens = self.generations()
         return gens[0][0] if gens else 0
+
+    def _stamp(self) -> tuple[int, int, int, int] | None:
+        """(device, inode, mtime, ctime) of the folder; None when it is missing."""
+        try:
+            st = os.stat(self.folder)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns
 
     def _lock(self) -> contextlib.AbstractContextManager:
         """The folder's writer lock (``state_lock``): re-entrant, so a ``Device`` change that saves holds it once."""

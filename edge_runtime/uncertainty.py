@@ -60,4 +60,6 @@ class Uncertainty:
 
     @classmethod
     def of(cls, p: np.ndarray) -> "Uncertainty":
-        return cls(float(score(p)), float(entropy(p)), float(margin(p)))
+        """Each number computed once (a camera asks for every frame); ``score``'s formula."""
+        h, m = float(entropy(p)), float(margin(p))
+        return cls(0.5 * (h + 1.0 - m), h, m)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from infantino.edge_runtime.clitools import OneLineParser, add_verbose, run_command
+from infantino.edge_runtime.clitools import OneLineParser, UsageError, add_verbose, run_command
 from infantino.edge_runtime.datasets import FER, data_path, data_root, fer_file
 
 PROG = "infantino-export"
@@ -107,7 +107,7 @@ def _publish(args: argparse.Namespace) -> int:
 
     token = args.admin_token or os.environ.get("INFANTINO_ADMIN_TOKEN")
     if not token:
-        raise ValueError("give --admin-token or set INFANTINO_ADMIN_TOKEN")
+        raise UsageError("give --admin-token or set INFANTINO_ADMIN_TOKEN")
     try:
         status, answer = publish(args.package, args.server, token, force=args.force)
     except SyncError as exc:
@@ -121,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_verbose(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     fer_help = f"path to fer2013_train.npz (default: {data_path(*FER)})"
+    _add_train_parser(sub, fer_help)
+    _add_onnx_parser(sub, fer_help)
+    _add_detector_parsers(sub)
+    _add_publish_parser(sub)
+    _add_data_parsers(sub)
+    for choice in sub.choices.values():
+        add_verbose(choice, top=False)
+    return parser
+
+
+def _add_train_parser(sub: argparse._SubParsersAction, fer_help: str) -> None:
     t = sub.add_parser("train", help="train (or resume) the extractor on FER2013")
     t.add_argument("--fer", help=fer_help)
     t.add_argument("--images", action="append", help="extra ImageFolder tree(s) added to training")
@@ -143,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_crop_options(t)
     t.set_defaults(func=_train)
 
+
+def _add_onnx_parser(sub: argparse._SubParsersAction, fer_help: str) -> None:
     o = sub.add_parser("onnx", help="export a checkpoint to a verified model package")
     o.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `train`")
     o.add_argument("--out", default="data/models", help="package folder (default: data/models)")
@@ -159,23 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--head-images", metavar="DIR", help="labelled ImageFolder the bootstrap head also learns from")
     o.add_argument("--head-images-repeat", type=int, default=4, help="weight of each --head-images photo against a FER face")
     o.set_defaults(func=_onnx)
-    _add_detector_parsers(sub)
 
+
+def _add_publish_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("publish", help="send a package to the sync server; promoted only if it passes the gate")
     p.add_argument("package", help="model package folder (written by `onnx`)")
     p.add_argument("--server", required=True, metavar="URL", help="sync server, e.g. http://127.0.0.1:8080")
     p.add_argument("--admin-token", help="the server's admin token (default: $INFANTINO_ADMIN_TOKEN)")
     p.add_argument("--force", action="store_true", help="promote even if the gate refuses it (recorded as forced)")
     p.set_defaults(func=_publish)
-    _add_data_parsers(sub)
-    for choice in sub.choices.values():
-        add_verbose(choice, top=False)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(PROG, lambda: args.func(args), verbose=args.verbose, error_exit=2)
+    return run_command(PROG, lambda: args.func(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

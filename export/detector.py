@@ -28,6 +28,7 @@ import numpy as np
 from infantino.edge_runtime.atomic import atomic_write_text
 from infantino.edge_runtime.blazeface import VARIANTS
 from infantino.edge_runtime.facefinder import DETECTOR_FILE, DETECTOR_INFO
+from infantino.edge_runtime.onnx_session import cpu_session
 
 TFLITE_NAMES = {"short_range": "face_detection_short_range.tflite", "full_range": "face_detection_full_range.tflite"}
 PARITY_TOLERANCE = 1e-3
@@ -102,12 +103,11 @@ def convert(tflite: bytes, out: Path) -> None:
 
 def parity(tflite: bytes, onnx_path: Path, size: int, n: int = 8, seed: int = 0) -> float:
     """Max |LiteRT - ONNX Runtime| over both outputs on random inputs in [-1, 1]."""
-    import onnxruntime as ort
     from ai_edge_litert.interpreter import Interpreter
 
     interp = Interpreter(model_content=tflite)
     interp.allocate_tensors()
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = cpu_session(onnx_path)
     rng, worst = np.random.default_rng(seed), 0.0
     for _ in range(n):
         x = rng.uniform(-1, 1, (1, size, size, 3)).astype(np.float32)

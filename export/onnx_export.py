@@ -9,6 +9,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from infantino.edge_runtime.onnx_session import cpu_session
+
 from .model import EmbeddingExtractor, ExpressionNet
 
 OPSET = 17
@@ -33,13 +35,6 @@ def export_extractor(net: ExpressionNet, path: str | Path, input_shape: tuple[in
     return Path(path)
 
 
-def session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def run_batched(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)])
@@ -49,7 +44,7 @@ def run_batched(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256
 def check_parity(net: ExpressionNet, onnx_path: str | Path, x: np.ndarray, tolerance: float = 1e-3) -> float:
     """Max |torch - onnxruntime| over ``x``; raises ``ParityError`` past ``tolerance``."""
     ref = EmbeddingExtractor(net).eval()(torch.from_numpy(x)).numpy()
-    got = run_batched(session(onnx_path), x)
+    got = run_batched(cpu_session(onnx_path), x)
     diff = float(np.max(np.abs(ref - got)))
     if not np.isfinite(diff) or diff > tolerance:
         raise ParityError(f"ONNX output differs from torch by {diff:.3g} (tolerance {tolerance:g})")

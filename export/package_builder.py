@@ -27,6 +27,7 @@ from infantino.edge_runtime.datasets import image_folders_record
 from infantino.edge_runtime.facefinder import FaceFinder, detector_file, uses_blazeface
 from infantino.edge_runtime.head import HeadParams, OnlineHead
 from infantino.edge_runtime.metrics import summarize
+from infantino.edge_runtime.onnx_session import cpu_session
 from infantino.edge_runtime.package import MANIFEST, Manifest, describe_files, read_manifest, sha256_file, write_manifest
 from infantino.edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, PreprocessSpec, normalize
 from infantino.edge_runtime.splits import stratified_split
@@ -34,7 +35,7 @@ from infantino.edge_runtime.splits import stratified_split
 from .classifier import PROBABILITIES, merge_classifier
 from .detector import copy_into_package
 from .data import load_fer
-from .onnx_export import check_parity, export_extractor, run_batched, session
+from .onnx_export import check_parity, export_extractor, run_batched
 from .quantize import quantize_extractor
 from .train import load_checkpoint, predict_logits
 
@@ -195,7 +196,7 @@ def _merge_and_score(inp: _Inputs, scratch: Path, opts: BuildOptions, head: Onli
     acc8 = _accuracy(head.predict_proba(embed_faces(s8, val.pixels, inp.spec)).argmax(1), val.labels)
     use_int8 = acc32 - acc8 <= INT8_TOLERANCE
     merge_classifier(int8 if use_int8 else fp32, head, scratch / "classifier.onnx")
-    sc = session(scratch / "classifier.onnx", opts.threads)
+    sc = cpu_session(scratch / "classifier.onnx", opts.threads)
     x_val = inp.x_val
     probs = np.concatenate([sc.run([PROBABILITIES], {"input": x_val[i : i + 256]})[0] for i in range(0, len(x_val), 256)])
     summary = summarize(val.labels, probs.argmax(1), len(CLASSES))
@@ -274,7 +275,7 @@ def build_package(opts: BuildOptions, log=print) -> dict:
     t0 = time.time()
     trained_images = image_folders_record(inp.tcfg.get("images") or [])  # before the slow part: a gone folder fails fast
     fp32, int8, parity = _export_extractors(inp, scratch, opts, log)
-    sessions = session(fp32, opts.threads), session(int8, opts.threads)
+    sessions = cpu_session(fp32, opts.threads), cpu_session(int8, opts.threads)
     head, n_head_images = _write_head(inp, scratch, opts, *sessions)
     scores = _merge_and_score(inp, scratch, opts, head, (fp32, int8), sessions, log)
     _refuse_a_worse_package(out, scratch, opts, scores.classifier["accuracy"])

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from infantino.edge_runtime.head import OnlineHead
+from infantino.edge_runtime.onnx_session import cpu_session
 from infantino.edge_runtime.package import describe_files, open_package, write_manifest
 from infantino.edge_runtime.preprocess import normalize
 from infantino.edge_runtime.splits import stratified_split
 
 from .classifier import PROBABILITIES, merge_classifier
 from .data import load_fer
-from .onnx_export import session
 from .quantize import quantize_extractor
 
 
@@ -35,7 +35,7 @@ def requantize(package_dir: str | Path, fer: str | Path, calibration_size: int =
     quantize_extractor(pkg.path("extractor"), scratch / "extractor.int8.onnx", normalize(data.pixels[calib], spec))
     merge_classifier(scratch / "extractor.int8.onnx", OnlineHead.load(pkg.path("head")), scratch / "classifier.onnx")
     x_val = normalize(data.pixels[held], spec)
-    sc = session(scratch / "classifier.onnx")
+    sc = cpu_session(scratch / "classifier.onnx")
     probs = np.concatenate([sc.run([PROBABILITIES], {"input": x_val[i : i + 256]})[0] for i in range(0, len(x_val), 256)])
     acc = float(np.mean(probs.argmax(1) == data.labels[held]))
     for name in ("extractor.int8.onnx", "classifier.onnx"):

@@ -7,6 +7,7 @@ real graph; no torch is needed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -46,27 +47,28 @@ def synthetic_face(label: int, rng: np.random.Generator, size: int = 64) -> np.n
 
 
 def build_tiny_package(folder: Path, version: str = "tiny-1", seed: int = 0, head_epochs: int = 11,
-                       scramble_labels: bool = False) -> Path:
+                       scramble_labels: bool = False, classes: Sequence[str] = CLASSES) -> Path:
     """Write extractor.onnx, head.npz (fitted on synthetic faces) and manifest.json.
 
     ``head_epochs`` trains the head longer (a better package); ``scramble_labels`` fits it on
-    permuted labels (a package that is clearly worse), for the publish-gate tests.
+    permuted labels (a package that is clearly worse), for the publish-gate tests; ``classes``
+    gives it another class layout (class ``i`` is the ``i``-th synthetic stripe pattern).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weight = linear_extractor(folder / "extractor.onnx", seed=seed)
     rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(len(CLASSES)), 20)
+    labels = np.repeat(np.arange(len(classes)), 20)
     faces = [synthetic_face(int(c), rng) for c in labels]
     emb = faces_tensor(faces).reshape(len(faces), -1) @ weight
     # Deliberately under-trained (11 epochs): the tiny head stays unsure, so its frames queue
     # for annotation and learning visibly moves it, which the device and page tests rely on.
     fit_labels = np.random.default_rng(seed + 1).permutation(labels) if scramble_labels else labels
-    head = OnlineHead.fit(emb, fit_labels, HeadParams(hidden_layer_sizes=(32,)), max_iter=head_epochs)
+    head = OnlineHead.fit(emb, fit_labels, HeadParams(hidden_layer_sizes=(32,)), max_iter=head_epochs, classes=classes)
     head.save(folder / "head.npz")
     manifest = Manifest(
         version=version, preprocess=DEFAULT_SPEC, embedding_dim=EMBED_DIM, files=describe_files(folder),
-        metrics={}, trained_on={"data": "synthetic stripes"}, model={"arch": "tiny-linear"},
+        metrics={}, trained_on={"data": "synthetic stripes"}, model={"arch": "tiny-linear"}, classes=tuple(classes),
     )
     write_manifest(folder, manifest)
     return folder

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a kill cleans up as Ctrl-C does
     try:
-        return run_command(PROG, lambda: _run_or_stop(args), verbose=args.verbose, error_exit=2)
+        return run_command(PROG, lambda: _run_or_stop(args), verbose=args.verbose)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -180,14 +180,14 @@ def _fresh_server(plan: FleetPlan, work: Path, mlflow: bool) -> LocalServer:
 
 
 def _joined(device: Device, server: LocalServer, name: str) -> Device:
-    report, device = sync_device(device, server.url, server.token(name))
+    report = sync_device(device, server.url, server.token(name))
     if report.error:
         raise RuntimeError(f"{name}: first sync failed: {report.error}")
     return device
 
 
 def _synced(device: Device, server: LocalServer, name: str) -> Device:
-    report, device = sync_device(device, server.url, server.token(name))
+    report = sync_device(device, server.url, server.token(name))
     _check(report, name)
     return device
 
@@ -220,8 +220,9 @@ def _label_and_push(device: Device, cam: Camera, frames: list[tuple[tuple[Path, 
     if not preds:
         return device, 0
     given = 0
-    for k in pick(np.array([p.uncertainty for p in preds]), plan.budget, plan.strategy, rng):
-        device.learn(preds[k], labels[k])
+    first = sorted({p.frame_key: i for i, p in reversed(list(enumerate(preds)))}.values())  # a frame seen twice is queued once
+    for k in pick(np.array([preds[i].uncertainty for i in first]), plan.budget, plan.strategy, rng):
+        device.learn(preds[first[k]], labels[first[k]])
         given += 1
     device.save()
     return _synced(device, server, name), given

@@ -229,12 +229,7 @@ def create_app(test_config: Optional[dict] = None) -> Flask:
         app.config.update(test_config)
     app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_UPDATE_BYTES"])
     app.json.sort_keys = False
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-
+    _log_to_stderr()
     state = ServerState(app.config)
     app.extensions["infantino"] = state
 
@@ -245,7 +240,27 @@ def create_app(test_config: Optional[dict] = None) -> Flask:
                                     token=app.config.get("METRICS_TOKEN") or None)
     state.files = FileVerifier(on_mismatch=lambda name: state.events.package_mismatches.labels(name).inc())
     _check_served_files(state)
+    _install_error_handlers(app)
 
+    @app.before_request
+    def _background():
+        state.ensure_background()
+
+    state.ensure_background()
+    return app
+
+
+def _log_to_stderr() -> None:
+    """The server's log lines on stderr (once per process)."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def _install_error_handlers(app: Flask) -> None:
+    """Every error as one JSON line; a database outage as 503 with Retry-After, logged once per outage."""
     outage = OutageLog()
 
     @app.errorhandler(HTTPException)
@@ -270,10 +285,3 @@ def create_app(test_config: Optional[dict] = None) -> Flask:
     def _too_large(_exc):
         limit = app.config["MAX_CONTENT_LENGTH"]
         return jsonify(error=f"body too large: the limit is {limit} bytes", status=413), 413
-
-    @app.before_request
-    def _background():
-        state.ensure_background()
-
-    state.ensure_background()
-    return app

@@ -13,7 +13,7 @@ Every subcommand takes ``--data-dir`` / ``--db-url`` / ``--mlflow-uri`` (or the
 On a store that serves nothing yet, ``run`` first promotes ``--default-package`` /
 ``$INFANTINO_DEFAULT_PACKAGE``, else ``./data/models``, else the release installed with this
 code (the wheel's bundled device files), so a fresh server answers devices with a model. Bad
-input: one line on stderr, exit 1; ``-v`` adds the traceback.
+input: one line on stderr, exit 1 (2 for a wrong command line); ``-v`` adds the traceback.
 """
 from __future__ import annotations
 
@@ -25,11 +25,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from infantino.edge_runtime.clitools import OneLineParser, add_verbose, run_command
+from infantino.edge_runtime.clitools import OneLineParser, UsageError, add_verbose, run_command
 
-PROG = "infantino-server"
-DEFAULT_PACKAGE_ENV = "INFANTINO_DEFAULT_PACKAGE"
-
+from .cli_serving import DEFAULT_PACKAGE_ENV, PROG, default_package, promote_dir, serve_default_if_empty
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder for the SQLite store, MLflow and package files "
@@ -82,64 +80,6 @@ def parse_strategy(text: str) -> dict:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"--strategy: {exc}") from None
     return value
-
-
-def _installed_release() -> Path:
-    """``./data/models`` when run beside one, else the release this install ships (no checkout assumed)."""
-    from infantino.edge_runtime.release import bundled_model_dir
-
-    here = Path("data/models")
-    return here.resolve() if here.is_dir() else (bundled_model_dir() or here)
-
-
-def default_package(args: argparse.Namespace) -> Optional[Path]:
-    """The package a fresh store serves: ``--default-package``, ``$INFANTINO_DEFAULT_PACKAGE``
-    (``off`` for none), else ``./data/models``, else the release installed with this code
-    (``edge_runtime.release``); None when turned off."""
-    if args.no_default_package:
-        return None
-    chosen = args.default_package or os.environ.get(DEFAULT_PACKAGE_ENV) or str(_installed_release())
-    return None if chosen.strip().lower() == "off" else Path(chosen)
-
-
-def promote_dir(state, package_dir: Path, gates: list[str], tolerance: float, force: bool) -> dict:
-    """Serve a package folder: through the gate when held-out sets are given (or ``force``),
-    else verified and promoted directly. One path for ``promote`` and a fresh ``run``."""
-    from .models import PromoteError, promote_package
-    from .publish import PublishError, publish
-
-    if gates or force:
-        try:
-            return publish(state.store, state.data_dir, package_dir, gates, tolerance, force)
-        except PublishError as exc:
-            raise PromoteError(str(exc)) from None
-    return promote_package(state.store, state.data_dir, package_dir)
-
-
-def serve_default_if_empty(state, package: Optional[Path]) -> Optional[dict]:
-    """First start: a store that serves nothing gets ``package`` promoted (and says so), so that
-    devices are answered with a model instead of 503. Never replaces what is served."""
-    from .publish import gate_dirs
-
-    if state.store.serving() is not None:
-        return None
-    if package is None:
-        print(f"{PROG}: nothing is served yet (default package off): devices get 503 until "
-              f"`infantino-server promote PACKAGE_DIR`", file=sys.stderr)
-        return None
-    if not package.is_dir():
-        print(f"{PROG}: nothing is served yet and there is no default package at {package}: devices get 503 until "
-              f"`infantino-server promote PACKAGE_DIR` (or set {DEFAULT_PACKAGE_ENV})", file=sys.stderr)
-        return None
-    result = promote_dir(state, package.resolve(), gate_dirs(state.config), float(state.config["GATE_TOLERANCE"]), False)
-    if not result.get("promoted", True):
-        print(f"{PROG}: the default package {package} was refused ({result['gate']['reason']}): nothing is served",
-              file=sys.stderr)
-        return result
-    print(f"{PROG}: first start, nothing was served: promoted the default package {result['package_version']} "
-          f"from {package.resolve()} (head version {result.get('head_version')}; --no-default-package turns this off)",
-          file=sys.stderr)
-    return result
 
 
 def _when(ts: Optional[float]) -> str:
@@ -287,8 +227,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         elif args.package_dir:
             result = promote_dir(state, Path(args.package_dir), [], 0.0, False)
         else:
-            print(f"{PROG}: error: give PACKAGE_DIR, --head-version or --from-mlflow-alias", file=sys.stderr)
-            return 2
+            raise UsageError("give PACKAGE_DIR, --head-version or --from-mlflow-alias")
     except PromoteError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

@@ -16,7 +16,6 @@ import numpy as np
 from infantino.edge_runtime.consent import CROPS_FORMAT
 
 from . import store as st
-from .db import bookkeeping as bk
 from .names import InvalidName, check_device_name, child_path
 
 MAX_CROPS_PER_BATCH = 512
@@ -75,22 +74,22 @@ def store_batch(store: st.Store, client_id: int, batch: CropBatch, package_versi
                      "pixels": crop.tobytes(), "sha256": digest, "package_version": package_version,
                      "batch_key": batch_key, "created_at": time.time()})
     unique = list({r["sha256"]: r for r in rows}.values())
-    with store.write() as conn:
-        known = bk.known_crops(conn, client_id, [r["sha256"] for r in unique])
+    with store.change() as u:
+        known = u.known_crops(client_id, [r["sha256"] for r in unique])
         new = [r for r in unique if r["sha256"] not in known]
         if new:
-            bk.insert_crops(conn, new)
+            u.insert_crops(new)
     return len(new), len(rows) - len(new)
 
 
 def counts(store: st.Store) -> list[dict]:
     """Crops per device and class: ``[{"device", "label", "n"}]``."""
-    with store.read() as conn:
-        return bk.crop_counts(conn)
+    with store.look() as u:
+        return u.crop_counts()
 
 
-def _client_id(conn, name: str) -> int:
-    cid = bk.client_id_by_name(conn, name, kind="device")
+def _client_id(u: st.Unit, name: str) -> int:
+    cid = u.client_id_by_name(name, kind="device")
     if cid is None:
         raise st.StoreError(f"no device named {name!r}")
     return cid
@@ -98,15 +97,14 @@ def _client_id(conn, name: str) -> int:
 
 def purge(store: st.Store, device: str) -> int:
     """Delete every crop of ``device`` (revoked or not); returns how many."""
-    with store.write() as conn:
-        cid = _client_id(conn, device)
-        return bk.delete_crops(conn, cid)
+    with store.change() as u:
+        return u.delete_crops(_client_id(u, device))
 
 
 def purge_client(store: st.Store, client_id: int) -> int:
     """A device withdrawing its own consent (``DELETE /v1/crops``)."""
-    with store.write() as conn:
-        return bk.delete_crops(conn, client_id)
+    with store.change() as u:
+        return u.delete_crops(client_id)
 
 
 def _file_stem(name: str, client_id: int) -> str:
@@ -124,9 +122,9 @@ def export_folder(store: st.Store, out: Path, classes: list[str], device: str | 
 
     n = 0
     try:
-        with store.read() as conn:
-            client_id = None if device is None else _client_id(conn, check_device_name(device))
-            for r in bk.crop_rows(conn, client_id):
+        with store.look() as u:
+            client_id = None if device is None else _client_id(u, check_device_name(device))
+            for r in u.crop_rows(client_id):
                 path = child_path(Path(out), classes[r.label], f"{_file_stem(r.name, r.client_id)}-{r.id}.png")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 pixels = np.frombuffer(r.pixels, np.uint8).reshape(r.height, r.width)

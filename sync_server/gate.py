@@ -4,16 +4,22 @@ Both packages are scored as a device would run them (int8 extractor when package
 bootstrap ``head.npz``, the shared preprocessing with face detection, ONNX Runtime on CPU)
 on the server's held-out ImageFolder sets. The first set decides; the others are reported
 (e.g. adult faces, to see what the adult domain lost). ``decide`` is pure.
+
+``held_out`` and ``score_head`` are the one embed-and-score of both gates: the package opened
+for inference alone (``PackageRuntime``: its face finder, its extractor, its bootstrap head),
+no device state, nothing written; the head gate (``headgate``) embeds once and scores heads.
 """
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-from infantino.edge_runtime.device import Device, DeviceConfig
-from infantino.edge_runtime.evaluate import embed_folder, score
+from infantino.edge_runtime.config import DeviceConfig
+from infantino.edge_runtime.evaluate import EmbeddedSet, embed_folder
+from infantino.edge_runtime.head import OnlineHead
+from infantino.edge_runtime.metrics import summarize
+from infantino.edge_runtime.package_runtime import PackageRuntime
 
 
 @dataclass(frozen=True)
@@ -38,15 +44,24 @@ class GateResult:
         return asdict(self)
 
 
+def held_out(package_dir: str | Path, folders: Sequence[str | Path], threads: int = 2) -> tuple[OnlineHead, list[EmbeddedSet]]:
+    """The package's bootstrap head, and each ImageFolder embedded as a fresh device running the
+    package embeds it (int8 extractor when packaged, the package's face finder)."""
+    runtime = PackageRuntime.open(package_dir, DeviceConfig(threads=threads))
+    return runtime.head(), [embed_folder(runtime, folder) for folder in folders]
+
+
+def score_head(head: OnlineHead, data: EmbeddedSet) -> SetScore:
+    """Accuracy and macro-F1 of ``head`` on embedded held-out photos (NaN for none)."""
+    pred = head.predict_proba(data.embeddings).argmax(axis=1) if len(data.labels) else data.labels
+    s = summarize(data.labels, pred, len(head.classes))
+    return SetScore(data.path, int(s["n"]), float(s["accuracy"]), float(s["macro_f1"]))
+
+
 def score_package(package_dir: str | Path, folders: list[str | Path], threads: int = 2) -> list[SetScore]:
     """Accuracy and macro-F1 of a package, as a fresh device runs it, on each folder."""
-    with tempfile.TemporaryDirectory(prefix="infantino-gate-") as tmp:
-        device = Device(package_dir, tmp, DeviceConfig(threads=threads, autosave=False))
-        out = []
-        for folder in folders:
-            s = score(device, embed_folder(device, folder))
-            out.append(SetScore(str(folder), int(s["n"]), float(s["accuracy"]), float(s["macro_f1"])))
-        return out
+    head, sets = held_out(package_dir, folders, threads)
+    return [score_head(head, data) for data in sets]
 
 
 def decide(candidate: list[SetScore], current: list[SetScore], tolerance: float = 0.0) -> tuple[bool, str]:

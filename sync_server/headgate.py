@@ -1,59 +1,31 @@
 """The head gate: an aggregated global head is served only if it is not worse than the served
 one on the server's held-out set (the first of ``GATE_DIRS``, as for packages).
 
-The held-out photos are embedded once per package (with that package's extractor, as a
-device runs it) before the aggregation transaction opens; judging a head is then one numpy
-forward pass. The decision uses ``gate.decide``, the package gate's own rule and wording.
+The held-out photos are embedded once per package (``gate.held_out``, with that package's
+extractor, as a device runs it) before the aggregation transaction opens; judging a head is
+then one numpy forward pass (``gate.score_head``). The decision uses ``gate.decide``, the
+package gate's own rule and wording.
 """
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from infantino.edge_runtime.metrics import summarize
+from infantino.edge_runtime.evaluate import EmbeddedSet
 
 from . import store as st
-from .gate import SetScore, decide
+from .gate import SetScore, decide, held_out, score_head
 from .rounds import head_from_flat
 
 log = logging.getLogger("infantino.server")
 
 
-@dataclass(frozen=True)
-class HeldOut:
-    path: str
-    embeddings: np.ndarray  # (N, D) with the package's extractor
-    labels: np.ndarray  # (N,)
-
-
 class HeadGateError(RuntimeError):
     """The held-out set cannot be read (one line)."""
-
-
-def embed_held_out(package_dir: Path, folder: str, threads: int = 2) -> HeldOut:
-    """The held-out ImageFolder embedded as a fresh device running this package would embed it."""
-    from infantino.edge_runtime.device import Device, DeviceConfig
-    from infantino.edge_runtime.evaluate import embed_folder
-
-    with tempfile.TemporaryDirectory(prefix="infantino-headgate-") as tmp:
-        device = Device(package_dir, tmp, DeviceConfig(threads=threads, autosave=False))
-        data = embed_folder(device, folder)
-    return HeldOut(str(folder), data.embeddings, data.labels)
-
-
-def score_head(head, held: HeldOut) -> SetScore:
-    """Accuracy and macro-F1 of ``head`` on the held-out embeddings."""
-    if not len(held.labels):
-        return SetScore(held.path, 0, float("nan"), float("nan"))
-    pred = head.predict_proba(held.embeddings).argmax(axis=1)
-    s = summarize(held.labels, pred, len(head.classes))
-    return SetScore(held.path, int(s["n"]), float(s["accuracy"]), float(s["macro_f1"]))
 
 
 def verdict(candidate: SetScore, current: SetScore, tolerance: float) -> dict:
@@ -73,10 +45,10 @@ class HeadGate:
         self.folder = str(folder)
         self.tolerance = float(tolerance)
         self.threads = threads
-        self._held: dict[str, HeldOut] = {}
+        self._held: dict[str, EmbeddedSet] = {}
         self._lock = threading.Lock()
 
-    def prepare(self, package_version: str) -> HeldOut:
+    def prepare(self, package_version: str) -> EmbeddedSet:
         """Embed the held-out set for this package unless already done (call before the transaction)."""
         with self._lock:
             held = self._held.get(package_version)
@@ -85,7 +57,7 @@ class HeadGate:
             pkg = self.store.package(package_version)
             if pkg is None or not Path(self.folder).is_dir():
                 raise HeadGateError(f"head gate: held-out set {self.folder} or package {package_version} is missing")
-            held = embed_held_out(self.data_dir / pkg["folder"], self.folder, self.threads)
+            _, [held] = held_out(self.data_dir / pkg["folder"], [self.folder], self.threads)
             log.info("head gate: %d held-out photos of %s embedded for package %s", len(held.labels), self.folder, package_version)
             self._held = {package_version: held}  # one package is served at a time
             return held

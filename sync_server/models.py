@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Optional
 
 from infantino.edge_runtime.head import HeadFormatError, OnlineHead
+from infantino.edge_runtime.onnx_session import ModelLoadError, cpu_session
 from infantino.edge_runtime.package import MANIFEST, PackageError, open_package, sha256_file
 
 from . import store as st
-from .db import queries as q
 from .names import InvalidName, child_path
 
 GLOBAL_HEAD_PREFIX = "global-head-"
@@ -47,12 +47,10 @@ def head_blob(head: OnlineHead, version: int) -> bytes:
 
 
 def _check_extractor_dim(path: Path, embedding_dim: int) -> None:
-    import onnxruntime as ort
-
     try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - any load failure means "not servable"
-        raise PromoteError(f"extractor {path.name} does not load in ONNX Runtime: {str(exc).splitlines()[0]}") from None
+        sess = cpu_session(path)
+    except ModelLoadError as exc:  # any load failure means "not servable"
+        raise PromoteError(f"extractor {path.name} does not load in ONNX Runtime: {exc}") from None
     shape = sess.get_outputs()[0].shape
     if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != embedding_dim):
         raise PromoteError(f"extractor {path.name} outputs {shape}, the manifest promises (N, {embedding_dim})")
@@ -76,9 +74,8 @@ def _copy_package(src: Path, files: list[str], dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def promote_package(store: st.Store, data_dir: Path, package_dir: Path) -> dict:
-    """Verify, copy and serve a package; returns what happened."""
-    package_dir = Path(package_dir)
+def _servable(package_dir: Path):
+    """The verified package and its bootstrap head; ``PromoteError`` when devices could not run them."""
     try:
         pkg = open_package(package_dir, verify=True)
     except PackageError as exc:
@@ -99,7 +96,14 @@ def promote_package(store: st.Store, data_dir: Path, package_dir: Path) -> dict:
     for role in ("extractor", "extractor_int8"):
         if pkg.has(role):
             _check_extractor_dim(pkg.path(role), m.embedding_dim)
+    return pkg, head
 
+
+def promote_package(store: st.Store, data_dir: Path, package_dir: Path) -> dict:
+    """Verify, copy and serve a package; returns what happened."""
+    package_dir = Path(package_dir)
+    pkg, head = _servable(package_dir)
+    m = pkg.manifest
     manifest_sha = sha256_file(package_dir / MANIFEST)
     files = [MANIFEST] + [entry["path"] for entry in m.files.values()]
     for name in files:  # copied and served by name: each must stay inside the package folder
@@ -113,36 +117,36 @@ def promote_package(store: st.Store, data_dir: Path, package_dir: Path) -> dict:
         raise PromoteError(f"{rel} already holds a different package; remove it")
 
     now = time.time()
-    with store.write() as conn:
-        q.lock_serving(conn)
-        existing = q.package_row(conn, m.version)
+    with store.change() as u:
+        u.lock_serving()
+        existing = u.package_row(m.version)
         if existing is not None and existing.manifest_sha256 != manifest_sha:
             raise PromoteError(f"package version {m.version} was promoted before with a different manifest; give it a new version")
         if existing is None:
-            q.insert_package(conn, m.version, m.to_dict(), manifest_sha, str(rel), now)
-            version = q.next_head_version(conn)
-            q.insert_head(conn, version, m.version, None, "bootstrap", head_blob(head, version), now)
-            q.enqueue_tracking(conn, "package", m.version, now)
+            u.insert_package(m.version, m.to_dict(), manifest_sha, str(rel), now)
+            version = u.next_head_version()
+            u.insert_head(version, m.version, None, "bootstrap", head_blob(head, version), now)
+            u.enqueue_tracking("package", m.version, now)
             action = "promoted"
         else:  # back to a package served before: its newest head
-            version = q.newest_head(conn, m.version)
+            version = u.newest_head(m.version)
             action = "re-served"
-        superseded = q.supersede_buffered(conn, m.version)
-        q.set_serving(conn, m.version, version, now)
+        superseded = u.supersede_buffered(m.version)
+        u.set_serving(m.version, version, now)
     return {"action": action, "package_version": m.version, "head_version": version, "superseded_updates": superseded}
 
 
 def serve_head(store: st.Store, version: int) -> dict:
     """Serve an existing head (and its package): a rollback."""
-    with store.write() as conn:
-        q.lock_serving(conn)
-        package_version = q.head_package(conn, version)
+    with store.change() as u:
+        u.lock_serving()
+        package_version = u.head_package(version)
         if package_version is None:
             raise PromoteError(f"no head version {version}")
-        superseded = q.supersede_buffered(conn, package_version)
+        superseded = u.supersede_buffered(package_version)
         now = time.time()
-        q.set_serving(conn, package_version, version, now)
-        q.enqueue_tracking(conn, "serve", str(version), now)
+        u.set_serving(package_version, version, now)
+        u.enqueue_tracking("serve", str(version), now)
     return {"action": "served", "package_version": package_version, "head_version": version,
             "superseded_updates": superseded}
 
@@ -153,14 +157,14 @@ def serve_aliases(store: st.Store, package_version: Optional[str], head_version:
     if package_version is None and head_version is None:
         raise PromoteError("neither infantino-extractor nor infantino-head has a 'production' alias")
     if head_version is not None:
-        with store.read() as conn:
-            head_package = q.head_package(conn, head_version)
+        with store.look() as u:
+            head_package = u.head_package(head_version)
         if head_package is None:
             raise PromoteError(f"the head alias names head version {head_version}, which this server does not have")
         if package_version is None or head_package == package_version:
             return serve_head(store, head_version)
-    with store.read() as conn:
-        newest = q.newest_head(conn, package_version)
+    with store.look() as u:
+        newest = u.newest_head(package_version)
     if newest is None:
         raise PromoteError(f"the extractor alias names package {package_version}, which this server does not have")
     return serve_head(store, newest)

@@ -17,8 +17,6 @@ from typing import Optional
 from infantino.edge_runtime.package import PackageError, open_package
 
 from . import store as st
-from .db import bookkeeping as bk
-from .db import queries as q
 from .gate import GateResult, run_gate
 from .models import PromoteError, promote_package
 
@@ -120,8 +118,8 @@ def refusal(result: dict) -> str:
 def _record(store: st.Store, result: GateResult, decision: str) -> None:
     """Keep the decision and queue it for MLflow (logged by the tracker, like packages and heads)."""
     now = time.time()
-    with store.write() as conn:
-        gate_id = bk.insert_gate(conn, now=now, candidate_version=result.candidate_version,
-                                 current_version=result.current_version, passed=result.passed, decision=decision,
-                                 result=result.to_dict())
-        q.enqueue_tracking(conn, "gate", str(gate_id), now)
+    with store.change() as u:
+        gate_id = u.insert_gate(now=now, candidate_version=result.candidate_version,
+                                current_version=result.current_version, passed=result.passed, decision=decision,
+                                result=result.to_dict())
+        u.enqueue_tracking("gate", str(gate_id), now)

@@ -25,7 +25,6 @@ from infantino.edge_runtime.head import OnlineHead
 
 from . import store as st
 from .aggregate import Strategy, aggregate_deltas, label_cap, unflatten
-from .db import queries as q
 
 log = logging.getLogger("infantino.server")
 
@@ -66,16 +65,16 @@ def aggregate_once(store: st.Store, strategy: Strategy, min_updates: int = 1, ma
                    judge: Optional[Judge] = None) -> Optional[RoundResult]:
     """Aggregate if at least ``min_updates`` devices have updates buffered for the served package; else None."""
     t0 = time.perf_counter()
-    with store.write() as conn:
-        srv = q.lock_serving(conn)
+    with store.change() as u:
+        srv = u.lock_serving()
         if srv is None:
             return None
-        q.supersede_buffered(conn, srv.package_version)  # raced a promotion: can never be aggregated
-        rows = q.claimable(conn, srv.package_version, max_updates)
+        u.supersede_buffered(srv.package_version)  # raced a promotion: can never be aggregated
+        rows = u.claimable(srv.package_version, max_updates)
         if len({r.client_id for r in rows}) < max(1, min_updates):
             return None
-        base = store.head(srv.head_version, conn)
-        step = _step(conn, store, rows, base, strategy, policy, srv.package_version)
+        base = store.head(srv.head_version, u.conn)
+        step = _step(u, store, rows, base, strategy, policy, srv.package_version)
         new_flat = base.flat + step.delta
         if not np.isfinite(new_flat).all():
             raise st.StoreError("aggregation produced non-finite weights; nothing was changed")
@@ -85,16 +84,16 @@ def aggregate_once(store: st.Store, strategy: Strategy, min_updates: int = 1, ma
         if verdict is not None:
             info["head_gate"] = verdict
         now = time.time()
-        new_version = _insert_head(conn, base, new_flat, srv.package_version, now) if served else base.version
+        new_version = _insert_head(u, base, new_flat, srv.package_version, now) if served else base.version
         devices = sorted({r.name for r in rows})
         ids = [r.id for r in rows]
-        agg_id = q.insert_aggregation(conn, now=now, package_version=srv.package_version, base_head_version=base.version,
+        agg_id = u.insert_aggregation(now=now, package_version=srv.package_version, base_head_version=base.version,
                                       new_head_version=new_version, strategy=strategy.to_dict(), k=min_updates,
                                       info=info, devices=devices, update_ids=ids)
-        q.mark_updates(conn, ids, agg_id, "aggregated" if served else "refused")
+        u.mark_updates(ids, agg_id, "aggregated" if served else "refused")
         if served:
-            q.set_serving(conn, srv.package_version, new_version, now)
-        q.enqueue_tracking(conn, "aggregation", str(agg_id), now)
+            u.set_serving(srv.package_version, new_version, now)
+        u.enqueue_tracking("aggregation", str(agg_id), now)
         if fault_pause_s > 0:  # fault injection for the crash tests: hold the transaction open
             log.warning("aggregation %s: holding the transaction for %.1f s (fault injection)", agg_id, fault_pause_s)
             time.sleep(fault_pause_s)
@@ -104,13 +103,13 @@ def aggregate_once(store: st.Store, strategy: Strategy, min_updates: int = 1, ma
     return RoundResult(agg_id, base.version, new_version, len(ids), devices, info, seconds, served)
 
 
-def _step(conn, store: st.Store, rows: list, base, strategy: Strategy, policy: RoundPolicy, package_version: str):
+def _step(u: st.Unit, store: st.Store, rows: list, base, strategy: Strategy, policy: RoundPolicy, package_version: str):
     """The combined step: one voice per device, samples capped, clip bound capped by history."""
-    deltas = q.load_deltas(conn, [r.id for r in rows], base.flat.size)
+    deltas = u.load_deltas([r.id for r in rows], base.flat.size)
     staleness = [max(0, base.version - r.base_head_version) for r in rows]
     now = time.time()
     caps = [label_cap(now - r.base_created_at, policy.label_burst, policy.labels_per_hour) for r in rows]
-    reference = store.recent_voice_norm(package_version, policy.history, conn)
+    reference = store.recent_voice_norm(package_version, policy.history, u.conn)
     norm_cap = None if reference is None else policy.clip_cap_factor * reference
     return aggregate_deltas(deltas, [r.n_samples for r in rows], staleness, strategy,
                             voices=[r.client_id for r in rows], sample_caps=caps, norm_cap=norm_cap)
@@ -124,10 +123,10 @@ def head_from_flat(base: st.HeadRecord, flat: np.ndarray, version: Optional[int]
                                   version=base.version if version is None else version)
 
 
-def _insert_head(conn, base: st.HeadRecord, new_flat: np.ndarray, package_version: str, now: float) -> int:
+def _insert_head(u: st.Unit, base: st.HeadRecord, new_flat: np.ndarray, package_version: str, now: float) -> int:
     """Store the stepped head as the next global version; returns that version."""
-    version = q.next_head_version(conn)
-    q.insert_head(conn, version, package_version, base.version, "aggregation", head_from_flat(base, new_flat, version).to_bytes(), now)
+    version = u.next_head_version()
+    u.insert_head(version, package_version, base.version, "aggregation", head_from_flat(base, new_flat, version).to_bytes(), now)
     return version
 
 

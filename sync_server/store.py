@@ -16,7 +16,8 @@ Concurrency works the same on both databases:
 The data-access layer is ``infantino.sync_server.db``: ``tables`` (the schema, under the
 Alembic migrations in ``db/migrations``), ``queries`` and ``bookkeeping`` (statements that
 take a connection), ``committer``, ``records``. ``Store`` owns the engine and transactions
-and answers the callers that need one statement in a transaction of its own.
+and answers the callers that need one statement in a transaction of its own; the callers that
+need several in one get them as a ``Unit`` (``change`` / ``look``), never ``queries`` directly.
 """
 from __future__ import annotations
 
@@ -36,10 +37,12 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from infantino.edge_runtime.head import OnlineHead
 
+from .aggregate import flatten
 from .db import bookkeeping as bk
 from .db import migrate
 from .db import queries as q
 from .db.committer import GroupCommitter
+from .db.unit import Unit
 from .db.records import (Client, HeadRecord, IngestView, Receipt, Serving, StoreBusy, StoreError,  # noqa: F401 - the store's API
                          UpdateRecord)
 from .db.tables import (aggregations, clients, crops, gates, heads, locks, metadata, outbox, packages,  # noqa: F401
@@ -67,7 +70,7 @@ def _head_record(row) -> HeadRecord:
     (``OnlineHead.from_bytes``: numpy only, no sklearn object)."""
     head = OnlineHead.from_bytes(bytes(row.blob))
     layers = tuple(np.asarray(a, np.float32) for a in head.weights())
-    flat = np.concatenate([a.ravel() for a in layers]).astype(np.float32)
+    flat = flatten(layers)  # the one layers -> vector of the server (aggregate's)
     for a in layers:
         a.setflags(write=False)
     flat.setflags(write=False)
@@ -113,6 +116,18 @@ class Store:
                     yield conn
         except (OperationalError, InterfaceError) as exc:
             raise StoreBusy(f"database unavailable or locked: {_reason(exc)}") from exc
+
+    @contextlib.contextmanager
+    def change(self) -> Iterator[Unit]:
+        """A write transaction as a ``Unit``: the statements a promotion, a round or a gate runs together."""
+        with self.write() as conn:
+            yield Unit(conn)
+
+    @contextlib.contextmanager
+    def look(self) -> Iterator[Unit]:
+        """A read as a ``Unit`` (several statements that must agree)."""
+        with self.read() as conn:
+            yield Unit(conn)
 
     @contextlib.contextmanager
     def _reading(self, conn: Optional[Connection]) -> Iterator[Connection]:

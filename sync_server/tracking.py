@@ -37,8 +37,6 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from . import store as st
-from .db import bookkeeping as bk
-from .db import queries as q
 from .outbox import OutboxWorker, WorkerSettings
 
 log = logging.getLogger("infantino.server")
@@ -236,8 +234,8 @@ class MlflowRecorder:
         client = self.client()
         run = self._run_for(PACKAGE_EXPERIMENT, f"package:{version}", f"package-{version}", pkg["created_at"])
         rid = run.info.run_id
-        with self.store.read() as conn:
-            head_row = q.bootstrap_head(conn, version)
+        with self.store.look() as u:
+            head_row = u.bootstrap_head(version)
         if not client.list_artifacts(rid, "package"):
             client.log_artifacts(rid, str(self.data_dir / pkg["folder"]), "package")
         if head_row is not None and not client.list_artifacts(rid, "head"):
@@ -259,8 +257,8 @@ class MlflowRecorder:
         """A publish decision: both packages' scores on every held-out set, the verdict as a tag."""
         from mlflow.entities import Metric, Param, RunTag
 
-        with self.store.read() as conn:
-            row = bk.gate_row(conn, gate_id)
+        with self.store.look() as u:
+            row = u.gate_row(gate_id)
         if row is None:
             raise ValueError(f"gate decision {gate_id} is not in the store")
         result = json.loads(row.result)
@@ -331,8 +329,8 @@ class MlflowRecorder:
         if serving is None:
             return
         pkg = self.store.package(serving.package_version)
-        with self.store.read() as conn:
-            head_mv = q.head_mlflow_version(conn, serving.head_version)
+        with self.store.look() as u:
+            head_mv = u.head_mlflow_version(serving.head_version)
         client = self.client()
         for model, version in ((EXTRACTOR_MODEL, pkg and pkg.get("mlflow_version")), (HEAD_MODEL, head_mv)):
             if version and str(self._alias_version(model)) != str(version):

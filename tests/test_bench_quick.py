@@ -100,3 +100,30 @@ def test_infant_cv_quick_scores_every_pipeline_and_the_peer_on_the_same_folds(tm
         assert 0 <= r["accuracy"]["mean"] <= 1 and 0 <= r["valence"]["mean"] <= 1
     assert res["face_found"]["haar"] < res["face_found"]["bf_short_m25"]
     assert (out / "infant_cv.png").stat().st_size > 0
+
+
+def test_personalization_quick_scores_every_method_on_the_same_cameras(tmp_path):
+    require_data("infant")
+    out = tmp_path / "pers"
+    run_bench("personalization.py", "--quick", "--out", str(out), "--work", str(tmp_path / "work"), timeout=900)
+    res = json.loads((out / "summary.json").read_text())
+    table, proto = res["table"], res["protocol"]
+    assert proto["folds"] == 3 and proto["profiles"] == ["day", "night_ir"]
+    cells = {f"{a}|{b}|{s}" for a in proto["alphas"] for b in proto["budgets"] for s in ("queue", "random")}
+    for method in ("frozen", "today's learner", "prior from label counts", "EM prior, unlabelled frames (Saerens)"):
+        assert set(table[method]) == cells
+    new = next(m for m in table if m.startswith("new: the device's learner"))
+    assert all(c["n"] == table["frozen"][k]["n"] > 0 for k, c in table[new].items())  # the same cameras for every row
+    assert all(v["gain"] == 0 for v in table["frozen"].values())
+    assert set(res["learn_whole_fold"]["mean"]) >= {"frozen", "today's learner", "new learner"}
+    assert (out / "personalization_labels.png").stat().st_size > 0 and (out / "personalization_profiles.png").stat().st_size > 0
+
+
+def test_frame_cost_quick_times_the_bare_models_and_predict_in_one_run(tmp_path):
+    require_data("infant")
+    out = tmp_path / "frame_cost.json"
+    run_bench("bench_frame_cost.py", "--quick", "--out", str(out))
+    res = json.loads(out.read_text())
+    assert_timing(res["bare_ms"]) and assert_timing(res["predict_ms"])
+    assert res["bare_ms"]["n"] == res["predict_ms"]["n"] == 30 and res["frames_with_face"] > 0
+    assert res["ratio_p50"] == round(res["predict_ms"]["p50"] / res["bare_ms"]["p50"], 3) > 0

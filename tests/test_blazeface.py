@@ -195,3 +195,10 @@ def test_flip_average_is_the_mean_of_a_face_and_its_mirror(tiny_package_dir):
     np.testing.assert_allclose(flip(x), (plain(x) + plain(x[..., ::-1])) / 2, rtol=1e-5, atol=1e-6)
     sym = (x + x[..., ::-1]) / 2
     np.testing.assert_allclose(flip(sym), plain(sym), rtol=1e-5, atol=1e-6)
+
+
+def test_the_detector_session_is_opened_like_the_extractor_s_idle_threads_asleep(detector_dir):
+    finder = FaceFinder.from_file(detector_spec(detector_dir), detector_file(detector_dir), threads=2)
+    opts = finder.blazeface.session.get_session_options()
+    assert finder.blazeface.session.get_providers() == ["CPUExecutionProvider"]
+    assert opts.intra_op_num_threads == 2 and opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"

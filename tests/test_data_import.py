@@ -98,10 +98,10 @@ def test_malformed_input_is_refused_in_one_line_naming_the_file(tmp_path, spoil,
 def test_the_command_refuses_a_folder_that_is_not_a_checkout_and_an_existing_target(tmp_path):
     cmd = [sys.executable, "-m", "infantino.export.cli", "data", "import"]
     r = subprocess.run([*cmd, str(tmp_path), "--out", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert "no modeling/src/data/processed/train/" in r.stderr and "InfantinO checkout" in r.stderr
     checkout = _checkout(tmp_path / "InfantinO")
     ok = subprocess.run([*cmd, str(checkout), "--out", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "wrote 5 FER faces" in ok.stdout, ok.stderr
     again = subprocess.run([*cmd, str(checkout), "--out", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "exists already" in again.stderr
+    assert again.returncode == 1 and "exists already" in again.stderr

@@ -17,7 +17,7 @@ from edge_helpers import face, head_weights, open_device, png_bytes
 
 from infantino.edge_runtime.annotation_queue import AnnotationQueue
 from infantino.edge_runtime.device import Device, InputError, Prediction
-from infantino.edge_runtime.extractor import cpu_session
+from infantino.edge_runtime.onnx_session import cpu_session
 from infantino.edge_runtime.head import OnlineHead
 from infantino.edge_runtime.package import Manifest, PackageError, read_manifest, write_manifest
 from infantino.edge_runtime.preprocess import CLASSES
@@ -317,7 +317,7 @@ def test_detection_size_can_be_set_per_device(tiny_package_dir, tmp_path):
 def test_coarse_to_fine_detection_crops_like_the_single_pass(tiny_package_dir, tmp_path):
     from conftest import require_data
     from infantino.edge_runtime.imagefolder import list_image_folder
-    from infantino.edge_runtime.preprocess import prepare
+    from infantino.edge_runtime.facefinder import prepare
 
     noise = np.random.default_rng(0).integers(0, 255, (480, 640), dtype=np.uint8)
     dev = open_device(tiny_package_dir, tmp_path / "s", detect_faces=True)

@@ -8,7 +8,8 @@ from onnx import TensorProto, helper
 
 from infantino.export.tiny_package import EMBED_DIM
 
-from infantino.edge_runtime.extractor import Extractor, ExtractorError, cpu_session
+from infantino.edge_runtime.extractor import Extractor, ExtractorError
+from infantino.edge_runtime.onnx_session import cpu_session
 from infantino.edge_runtime.preprocess import faces_tensor
 
 

@@ -149,7 +149,7 @@ def test_the_page_keeps_the_head_sync_adopted_and_sync_never_uploads_its_undoing
     shutil.copytree(tiny_package_dir, model)
     token = sync_server.token("nursery")
     setup = Device(model, state, CLI_CONFIG)
-    report, setup = sync_device(setup, sync_server.url, token)
+    report = sync_device(setup, sync_server.url, token)
     assert report.error is None, report
     queued = [setup.queue.add(face(k, seed=40 + k), predicted="neutral", uncertainty=0.9, probabilities=[1 / 7] * 7,
                               face_found=True) for k in range(3)]
@@ -184,7 +184,7 @@ def test_the_page_keeps_the_head_sync_adopted_and_sync_never_uploads_its_undoing
     for anchor, ref in zip(device.anchor_weights, adopted):
         np.testing.assert_allclose(anchor, ref, atol=1e-6)
     # the next upload is the page's one new label, not the undoing of everyone else's learning
-    report, _ = sync_device(device, sync_server.url, token)
+    report = sync_device(device, sync_server.url, token)
     assert report.error is None and report.pushed == 1, report
     sent = sorted((SyncState(state).root / "sent").glob("*.npz"))[-1]
     meta, arrays = wire.decode(SyncState.body(sent))

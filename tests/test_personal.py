@@ -39,7 +39,7 @@ def camera_gain(head: OnlineHead, mix: np.ndarray, n_labels: int, seed: int) -> 
     for i in np.random.default_rng(seed).permutation(240)[:n_labels]:
         learner_kept[0].append(frames[i])
         learner_kept[1].append(fy[i])
-        cam.labelled(frames[i], int(fy[i]), head, (np.array(learner_kept[0]), np.array(learner_kept[1])))
+        cam.labelled(frames[i], int(fy[i]), head, lambda: (np.array(learner_kept[0]), np.array(learner_kept[1])))
     before = (head.predict_proba(test).argmax(1) == ty).mean()
     after = (cam.apply(head.predict_proba(test), test).argmax(1) == ty).mean()
     return float(after - before)
@@ -59,7 +59,7 @@ def test_a_skewed_camera_gets_better_and_a_uniform_one_no_worse(head):
     skewed = [camera_gain(head, np.array([0.75, 0.05, 0.15, 0.05]), 30, s) for s in range(4)]
     uniform = [camera_gain(head, np.full(K, 1 / K), 30, s) for s in range(4)]
     assert np.mean(skewed) > 0.05 and min(skewed) > 0.0
-    assert np.mean(uniform) > -0.01 and min(uniform) > -0.03
+    assert np.mean(uniform) > -0.01 and min(uniform) > -0.05  # a personal head can cost one camera a few points (docs/personalization.md)
 
 
 def test_the_guard_takes_only_a_candidate_that_beats_the_shared_head():
@@ -98,17 +98,18 @@ def test_bias_fit_recovers_a_constant_logit_offset():
 
 
 def test_the_frame_pool_is_a_ring_that_forgets_labelled_frames():
-    pool = personal.FramePool(2, size=3)
+    pool = personal.FramePool(2, size=3, n_classes=2)
     for v in range(5):
-        pool.add(np.array([v, v], np.float32))
+        pool.add(np.array([v, v], np.float32), np.array([0.5, 0.5]))
     assert sorted(pool.all()[:, 0]) == [2, 3, 4]
     assert pool.discard(np.array([3, 3], np.float32)) and not pool.discard(np.array([3, 3], np.float32))
     assert sorted(pool.all()[:, 0]) == [2, 4]
-    pool.add(np.array([9, 9], np.float32))
-    pool.add(np.array([8, 8], np.float32))  # full again: the oldest (2) goes
+    pool.add(np.array([9, 9], np.float32), np.array([0.1, 0.9]))
+    pool.add(np.array([8, 8], np.float32), np.array([0.2, 0.8]))  # full again: the oldest (2) goes
     assert sorted(pool.all()[:, 0]) == [4, 8, 9]
-    again = personal.FramePool.from_arrays(pool.to_arrays(), 2, 3)
-    again.add(np.array([7, 7], np.float32))  # the reloaded ring keeps the age order: 4 is still the oldest
+    again = personal.FramePool.from_arrays(pool.to_arrays(), 2, 3, 2)
+    assert np.allclose(again.probs()[-1], [0.2, 0.8])
+    again.add(np.array([7, 7], np.float32), np.array([0.5, 0.5]))  # the reloaded pool keeps the age order: 4 is the oldest
     assert sorted(again.all()[:, 0]) == [7, 8, 9]
 
 
@@ -118,7 +119,7 @@ def test_camera_state_round_trips_and_refuses_arrays_that_do_not_fit(head):
     for xi in x:
         cam.observe(xi, head)
     for i in range(30):
-        cam.labelled(x[i], int(y[i]), head, (x[: i + 1], y[: i + 1]))
+        cam.labelled(x[i], int(y[i]), head, lambda: (x[: i + 1], y[: i + 1]))
     again = personal.CameraModel(K, DIM)
     again.load_arrays(cam.to_arrays())
     assert again.adaptation.level == cam.adaptation.level and np.array_equal(again.counts, cam.counts)
@@ -146,3 +147,38 @@ def test_the_learner_predicts_with_the_fleets_head_and_the_cameras_part(head):
     assert learner.camera.n_labels == 40 and learner.camera.adaptation.level != "shared"
     off = GuardedLearner(head.copy(), DeviceConfig(personalize=False))
     assert np.allclose(off.predict_proba(x), head.predict_proba(x), atol=1e-6)
+
+
+def test_a_device_keeps_its_cameras_part_across_a_restart_and_a_new_package(tiny_package_dir, tmp_path):
+    """Through the real ``Device`` on the tiny package: a camera whose baby is mostly "sad" learns that mix,
+    the state snapshot keeps it, and a new package version takes the counts and the mix along."""
+    import shutil
+
+    from infantino.edge_runtime.package import Manifest, read_manifest, write_manifest
+    from infantino.export.tiny_package import synthetic_face
+    from edge_helpers import open_device
+
+    rng = np.random.default_rng(0)
+    labels = [4] * 34 + [3] * 3 + [6] * 3  # mostly sad
+    dev = open_device(tiny_package_dir, tmp_path / "state")
+    frames = [synthetic_face(c, rng) for c in labels]
+    preds = dev.predict_batch(frames, enqueue=False)
+    assert len(dev.learner.camera.pool) == len(frames)  # every frame with a face is evidence of the mix
+    for p, c in zip(preds, labels):
+        dev.learn(p, dev.classes[c], save=False)
+    dev.save()
+    cam = dev.status()["camera"]
+    assert sum(cam["labels"].values()) == 40 and cam["labels"]["sad"] == 34 and cam["frames"] == 0  # labelled frames left the pool
+    assert cam["level"] != "shared" and max(cam["prior"], key=cam["prior"].get) == "sad"
+    again = open_device(tiny_package_dir, tmp_path / "state")
+    assert again.status()["camera"] == cam
+    probe = [synthetic_face(c, np.random.default_rng(99)) for c in range(7)]
+    np.testing.assert_allclose([p.probabilities for p in again.predict_batch(probe, enqueue=False)],
+                               [p.probabilities for p in dev.predict_batch(probe, enqueue=False)], atol=1e-5)
+    pkg = tmp_path / "pkg2"
+    shutil.copytree(tiny_package_dir, pkg)
+    write_manifest(pkg, Manifest(**{**read_manifest(pkg).__dict__, "version": "tiny-2"}))
+    kept = again.kept_embeddings(pkg)
+    again.switch_package(pkg, replay=kept)
+    moved = again.status()["camera"]
+    assert moved["labels"] == cam["labels"] and max(moved["prior"], key=moved["prior"].get) == "sad"

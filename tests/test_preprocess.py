@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import require_data
 from infantino.edge_runtime import preprocess as pp
-from infantino.edge_runtime.preprocess import DEFAULT_SPEC, ImageError, crop_face, decode_gray, normalize, prepare, resize_face
+from infantino.edge_runtime.facefinder import prepare
+from infantino.edge_runtime.preprocess import DEFAULT_SPEC, ImageError, crop_face, decode_gray, normalize, resize_face
 
 
 def _gradient(w: int = 80, h: int = 60) -> np.ndarray:

@@ -60,7 +60,7 @@ def test_the_gate_refuses_a_worse_package_and_promotes_a_better_one(gated, tmp_p
     srv, good, bad, root = gated
     before = _served(srv)
     dev = new_device(tmp_path, tiny_package_dir, "fleet")
-    assert sync_device(dev, srv.url, srv.token("fleet"))[0].error is None
+    assert sync_device(dev, srv.url, srv.token("fleet")).error is None
     teach(dev, [0, 1, 2, 3, 4], seed=3)  # kept samples, re-embedded into the new package's head on adoption
 
     # better: promoted, and the fleet moves to it on its next sync
@@ -68,7 +68,8 @@ def test_the_gate_refuses_a_worse_package_and_promotes_a_better_one(gated, tmp_p
     out = capsys.readouterr().out
     assert "gate: passed" in out and "candidate 1.0000" in out and "served" in out
     assert _served(srv)[0] == "tiny-good" != before[0]
-    report, device = sync_device(dev, srv.url, srv.token("fleet"))
+    report = sync_device(dev, srv.url, srv.token("fleet"))
+    device = dev.device  # the same object, switched in place
     assert report.error is None and report.package_changed and device.package.version == "tiny-good"
     assert report.replayed == 5
     promoted = _served(srv)
@@ -82,7 +83,7 @@ def test_the_gate_refuses_a_worse_package_and_promotes_a_better_one(gated, tmp_p
     assert Http(srv.url, srv.admin).request("GET", "/v1/model").json()["package_version"] == "tiny-good"
     assert export_cli.main(["publish", str(bad), "--server", srv.url, "--admin-token", srv.admin]) == 1
     assert "not promoted; production unchanged" in capsys.readouterr().out
-    report, device = sync_device(device, srv.url, srv.token("fleet"))
+    report = sync_device(device, srv.url, srv.token("fleet"))
     assert report.error is None and not report.package_changed and device.package.version == "tiny-good"
 
     # every decision is an MLflow run holding both packages' numbers
@@ -186,14 +187,14 @@ def test_promote_with_a_gate_dir_uses_the_same_gate_locally(ungated, tmp_path, c
     assert state.store.serving().package_version == "tiny-bad-local"
 
 
-def test_publish_errors_exit_2(tmp_path, tiny_package_dir, capsys, monkeypatch):
+def test_publish_exits_2_without_a_token_and_1_when_it_fails(tmp_path, tiny_package_dir, capsys, monkeypatch):
     monkeypatch.delenv("INFANTINO_ADMIN_TOKEN", raising=False)
     assert export_cli.main(["publish", str(tiny_package_dir), "--server", "http://127.0.0.1:9"]) == 2
     assert "INFANTINO_ADMIN_TOKEN" in capsys.readouterr().err
     dead = f"http://127.0.0.1:{free_port()}"
-    assert export_cli.main(["publish", str(tiny_package_dir), "--server", dead, "--admin-token", "t"]) == 2
+    assert export_cli.main(["publish", str(tiny_package_dir), "--server", dead, "--admin-token", "t"]) == 1
     assert "error" in capsys.readouterr().err
     broken = shutil.copytree(tiny_package_dir, tmp_path / "broken")
     (broken / "head.npz").write_bytes(b"tampered")
-    assert export_cli.main(["publish", str(broken), "--server", dead, "--admin-token", "t"]) == 2  # checked before sending
+    assert export_cli.main(["publish", str(broken), "--server", dead, "--admin-token", "t"]) == 1  # checked before sending
     assert "sha256" in capsys.readouterr().err

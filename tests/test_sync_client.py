@@ -24,7 +24,7 @@ def server(tmp_path_factory, tiny_package_dir):
 
 
 def sync(learner: DeviceLearner, server: Server, name: str, **kw):
-    report, _ = sync_device(learner, server.url, server.token(name), **kw)
+    report = sync_device(learner, server.url, server.token(name), **kw)
     return report
 
 
@@ -69,18 +69,18 @@ def test_updates_wait_in_the_outbox_while_the_server_is_down(tmp_path, tiny_pack
         teach(dev, [1, 2, 3], seed=2)
         srv.process.kill()
         # Execute: sync while the server is down (fast retries)
-        report, _ = sync_device(dev, srv.url, token, retries=2, timeout_s=2)
+        report = sync_device(dev, srv.url, token, retries=2, timeout_s=2)
         # Assert: queued, kept, reported
         assert report.queued and report.pushed == 0 and report.pending == 1
         assert "unreachable after 3 tries" in report.error
         srv.process.start()
-        report, _ = sync_device(dev, srv.url, token)
+        report = sync_device(dev, srv.url, token)
         assert report.error is None and report.pushed == 1 and report.pending == 0
         # a lost acknowledgement: the same outbox entry sent again is counted once
         state = SyncState(dev.device.state_dir)
         sent = sorted((state.root / "sent").glob("*.npz"))[-1]
         shutil.copyfile(sent, state.root / "outbox" / sent.name)
-        report, _ = sync_device(dev, srv.url, token)
+        report = sync_device(dev, srv.url, token)
         assert report.pushed == 1 and report.duplicates == 1
         assert srv.store.counts() == {"buffered": 1}
     finally:
@@ -110,7 +110,7 @@ def test_several_devices_sync_concurrently(tmp_path, tiny_package_dir):
             rng = np.random.default_rng(seed)
             for round_ in range(3):
                 teach(dev, rng.integers(0, 7, 4), seed=seed * 10 + round_)
-                report, _ = sync_device(dev, srv.url, tokens[name])
+                report = sync_device(dev, srv.url, tokens[name])
                 if report.error or report.rejected:
                     errors.append(f"{name}: {report.error or report.rejected}")
 
@@ -144,7 +144,8 @@ def test_a_new_extractor_is_installed_and_kept_samples_are_reembedded(tmp_path, 
         promote_package(srv.store, srv.data, new_pkg)
         original = dev.device
         # Execute
-        report, device = sync_device(dev, srv.url, token, policy=MergePolicy(replay_epochs=60, batch_size=8))
+        report = sync_device(dev, srv.url, token, policy=MergePolicy(replay_epochs=60, batch_size=8))
+        device = dev.device  # the same object, switched in place
         assert device is original and dev.device is original  # switched in place: every holder runs the new package
         # Assert: the queued update for the old package was refused, the new package is current
         assert report.error is None, report.error
@@ -187,7 +188,8 @@ def test_a_tampered_download_is_refused_and_the_current_package_kept(tmp_path, t
         served = next(p / "extractor.onnx" for p in (srv.data / "packages").iterdir()
                       if open_package(p, verify=False).version == "tiny-3")
         served.write_bytes(served.read_bytes()[:-10] + b"0123456789")  # bit rot on the server's disk
-        report, device = sync_device(dev, srv.url, token)
+        report = sync_device(dev, srv.url, token)
+        device = dev.device  # the same object, switched in place
         assert "sha256" in report.error
         assert SyncState(device.state_dir).package_dir("current") == before and device.package.version == "tiny-1"
         assert not list((SyncState(device.state_dir).root / "packages").glob(".incoming-*"))
@@ -207,13 +209,13 @@ def test_a_device_offline_for_days_syncs_cleanly(tmp_path, tiny_package_dir):
             teach(busy, [3, 4, day], seed=10 + day)
             sync_device(busy, srv.url, srv.token("busy"))
             srv.aggregate()
-        report, _ = sync_device(away, srv.url, srv.token("away"))
+        report = sync_device(away, srv.url, srv.token("away"))
         assert report.error is None
         assert report.rejected and "behind" in report.rejected[0][1]  # too stale: refused, not retried forever
         assert report.head_changed and report.head_version == srv.store.serving().head_version
         assert report.pending == 0 and report.replayed == 3  # its own samples were replayed into the new head
         teach(away, [5, 6], seed=5)
-        assert sync_device(away, srv.url, srv.token("away"))[0].pushed == 1
+        assert sync_device(away, srv.url, srv.token("away")).pushed == 1
     finally:
         srv.close()
 

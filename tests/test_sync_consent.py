@@ -81,7 +81,7 @@ def test_the_consent_command(tmp_path, capsys):
     capsys.readouterr()
     assert edge_cli.main(["consent", "--state-dir", state]) == 0
     assert "on; 1 waiting" in capsys.readouterr().out
-    assert edge_cli.main(["consent", "on", "--erase", "--state-dir", state]) == 1
+    assert edge_cli.main(["consent", "on", "--erase", "--state-dir", state]) == 2  # a wrong command line
     assert "--erase goes with off" in capsys.readouterr().err
     assert edge_cli.main(["consent", "off", "--erase", "--state-dir", state]) == 0
     out = capsys.readouterr().out

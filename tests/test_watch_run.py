@@ -125,7 +125,7 @@ def test_sigterm_finishes_the_frame_saves_and_exits_0_and_kill_9_loses_no_writte
     assert rc == 0, err
 
 
-def test_a_source_that_cannot_be_opened_is_one_line_and_exit_2(tmp_path, capsys):
+def test_a_source_that_cannot_be_opened_is_one_line_and_exit_1(tmp_path, capsys):
     not_video = tmp_path / "notes.txt"
     not_video.write_text("not a video")
     empty = tmp_path / "empty"
@@ -134,5 +134,5 @@ def test_a_source_that_cannot_be_opened_is_one_line_and_exit_2(tmp_path, capsys)
                             (str(empty), "no jpg/jpeg/png/webp/bmp images"), ("rtsp://127.0.0.1:9/none", "cannot open stream")]:
         rc = main(["watch", source, "--open-timeout", "2", "--state-dir", str(tmp_path / "state")])
         err = capsys.readouterr().err
-        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (source, err)
+        assert rc == 1 and message in err and len(err.strip().splitlines()) == 1, (source, err)
     assert not (tmp_path / "state").exists()  # refused before the device or any state was touched

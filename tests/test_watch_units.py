@@ -15,7 +15,7 @@ from infantino.edge_runtime.backoff import Backoff, jittered
 from infantino.edge_runtime.watch.distress import END, START, DistressMonitor, DistressSettings
 from infantino.edge_runtime.watch.events import AlertHook, EventLog
 from infantino.edge_runtime.watch.jsonl import AppendLog, read_records
-from infantino.edge_runtime.watch.queueing import QUEUE, QueuePolicy, QueueSettings
+from infantino.edge_runtime.queue_policy import QUEUE, QueuePolicy, QueueSettings
 from infantino.edge_runtime.watch.sampler import Sampler
 from infantino.edge_runtime.watch.slot import LatestSlot
 from infantino.edge_runtime.watch.sources import SourceError, parse_source, redact

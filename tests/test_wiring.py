@@ -59,7 +59,7 @@ def global_head(server: Server, version: int) -> list[np.ndarray]:
 
 def joined(server: Server, device: Device, name: str) -> int:
     """Sync a fresh device once (it adopts the served head); returns the version it is based on."""
-    report, _ = sync_device(device, server.url, server.token(name))
+    report = sync_device(device, server.url, server.token(name))
     assert report.error is None and report.head_changed, report
     return report.head_version
 
@@ -72,7 +72,7 @@ def teach(device: Device, labels, seed: int) -> list[np.ndarray]:
 
 
 def pushed(server: Server, device: Device, name: str) -> None:
-    report, _ = sync_device(device, server.url, server.token(name))
+    report = sync_device(device, server.url, server.token(name))
     assert report.error is None and report.pushed == 1 and not report.rejected, report
 
 

@@ -35,7 +35,7 @@ from flask import Flask, abort, jsonify, redirect, request, session
 from werkzeug.exceptions import HTTPException
 
 from .throttle import FailureThrottle, token_problem
-from .timeline import Timeline
+from .history import QueueHistory
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
@@ -58,11 +58,7 @@ def create_app(device: Any, *, token: Optional[str] = None, host: str = "127.0.0
     """The page for one ``Device``. ``host`` is the address the server binds to: anything
     but loopback needs ``token``."""
     token = token or None  # an empty --token / $INFANTINO_ANNOTATE_TOKEN is no token
-    problem = token_problem(token) if token is not None else None
-    if problem:
-        raise ValueError(problem)
-    if not is_loopback(host) and not token:
-        raise ValueError(f"binding the annotation page to {host} needs a --token (or bind to 127.0.0.1)")
+    _check_binding(token, host)
     here = Path(__file__).resolve().parent  # explicit paths: Flask cannot search the editable infantino.* namespace
     app = Flask(__name__, root_path=str(here), instance_path=str(here / "instance"))
     app.config.from_mapping(
@@ -82,13 +78,31 @@ def create_app(device: Any, *, token: Optional[str] = None, host: str = "127.0.0
         app.config.update(test_config)
     app.extensions["infantino"] = {
         "device": device,
-        "timeline": Timeline(device.state_dir / "annotate" / "timeline.json"),
+        "timeline": QueueHistory(device.state_dir / "annotate" / "timeline.json"),
         "lock": threading.Lock(),  # label and dismiss of the same frame never interleave
         "throttle": FailureThrottle(free=app.config["TOKEN_FREE_FAILURES"], base_s=app.config["TOKEN_LOCKOUT_BASE_S"],
                                     max_lockout_s=app.config["TOKEN_LOCKOUT_MAX_S"]),
         "token_digest": _digest(token) if token else None,
     }
+    _install_guards(app)
 
+    from . import views
+
+    app.register_blueprint(views.bp)
+    return app
+
+
+def _check_binding(token: Optional[str], host: str) -> None:
+    """A weak token is refused; a page reachable from the network needs one."""
+    problem = token_problem(token) if token is not None else None
+    if problem:
+        raise ValueError(problem)
+    if not is_loopback(host) and not token:
+        raise ValueError(f"binding the annotation page to {host} needs a --token (or bind to 127.0.0.1)")
+
+
+def _install_guards(app: Flask) -> None:
+    """Host, token and cross-site checks before each request; security headers and JSON errors after."""
     @app.before_request
     def _guard():
         _check_host(app)
@@ -108,17 +122,6 @@ def create_app(device: Any, *, token: Optional[str] = None, host: str = "127.0.0
     @app.errorhandler(HTTPException)
     def _json_error(exc: HTTPException):
         return jsonify(error=exc.description), exc.code
-
-    from . import views
-
-    app.register_blueprint(views.bp)
-    return app
-
-
-def csrf_token() -> str:
-    if "csrf" not in session:
-        session["csrf"] = secrets.token_urlsafe(32)
-    return session["csrf"]
 
 
 def _check_host(app: Flask) -> None:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import secrets
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, abort, current_app, jsonify, render_template, request, send_file
+from flask import Blueprint, abort, current_app, jsonify, render_template, request, send_file, session
 
 from ..annotation_queue import QueueError
 from ..preprocess import ImageError
@@ -72,10 +73,15 @@ def _busy(exc: StateLockTimeout):
     return jsonify(error=str(exc)), 503
 
 
+def csrf_token() -> str:
+    """The session's token for the page's forms (checked before every change, ``_check_cross_site``)."""
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_urlsafe(32)
+    return session["csrf"]
+
+
 @bp.get("/")
 def index():
-    from . import csrf_token
-
     device = _ctx()["device"]
     return render_template("annotate.html", csrf=csrf_token(), classes=device.classes)
 

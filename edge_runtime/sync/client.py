@@ -38,7 +38,7 @@ from ..head import OnlineHead
 from .fetch import fetch_head, fetch_package
 from .merge import MergePolicy, adopt_and_replay
 from .state import RefPoint, SyncState
-from .transport import AuthError, Http, SyncError, raise_for_auth
+from .transport import AuthError, Http, Response, SyncError, raise_for_auth
 
 __all__ = ["DeviceLearner", "Learner", "SyncReport", "Syncer", "sync_device"]
 
@@ -72,10 +72,13 @@ class Learner(Protocol):
     def metrics(self) -> dict:
         """Local numbers to report with an update."""
 
-    # optional: ``crop_outbox() -> Optional[CropOutbox]``, the consented-crops outbox (None: never shares)
-    # optional: ``change()``, a context manager holding the state folder's writer lock with the learner at
-    # its newest snapshot (``Device.change``): snapshot and merge run inside it, so a caregiver page or
-    # ``learn`` in another process neither loses its labels to the merge nor has them undone by an upload
+    def crop_outbox(self) -> Optional[CropOutbox]:
+        """The consented-crops outbox (None: the device never shares crops)."""
+
+    def change(self) -> contextlib.AbstractContextManager:
+        """The state folder's writer lock with the learner at its newest snapshot (``Device.change``):
+        snapshot and merge run inside it, so a caregiver page or ``learn`` in another process neither
+        loses its labels to the merge nor has them undone by an upload."""
 
 
 # --------------------------------------------------------------------------- sync
@@ -118,11 +121,7 @@ class Syncer:
         what it learned before ever syncing is uploaded too."""
         if self.state.reference() is not None:
             return
-        resp = self.http.request("GET", "/v1/model")
-        raise_for_auth(resp)
-        if resp.status != 200:
-            raise SyncError(f"GET /v1/model: HTTP {resp.status} {resp.reason}")
-        info = resp.json()
+        info = self._call("GET", "/v1/model").json()
         boot = info.get("bootstrap_head_version")
         if boot is None or str(info["package_version"]) != self.learner.package_version():
             return  # another package: local samples are re-embedded and replayed on the pull instead
@@ -130,10 +129,17 @@ class Syncer:
         self.state.write_base(RefPoint(1, [np.asarray(a, np.float32) for a in head.weights()], int(boot),
                                        str(info["package_version"]), 0))
 
-    def _change(self) -> contextlib.AbstractContextManager:
-        """The learner's state change (its writer lock, newest snapshot loaded), when it has one."""
-        change = getattr(self.learner, "change", None)
-        return change() if change is not None else contextlib.nullcontext()
+    def _call(self, method: str, path: str, ok: tuple[int, ...] = (200,), *, refusals: bool = False,
+              **kwargs) -> Response:
+        """One request: a refused token raises ``AuthError``; a status outside ``ok`` raises ``SyncError``
+        (retried at the next sync), except, with ``refusals``, a 4xx the server means for good, which
+        the caller records (408 and 429 are never that: they mean "later")."""
+        resp = self.http.request(method, path, **kwargs)
+        raise_for_auth(resp)
+        refused = refusals and 400 <= resp.status < 500 and resp.status not in (408, 429)
+        if resp.status not in ok and not refused:
+            raise SyncError(f"{method} {path}: HTTP {resp.status} {resp.reason}")
+        return resp
 
     # ------------------------------------------------------------ 1. snapshot
     def snapshot(self) -> bool:
@@ -141,7 +147,7 @@ class Syncer:
 
         Under the learner's writer lock, on its newest snapshot: the delta is measured from the
         head as saved (labels another process learned included), never from a stale copy."""
-        with self._change():
+        with self.learner.change():
             return self._snapshot()
 
     def _snapshot(self) -> bool:
@@ -169,59 +175,45 @@ class Syncer:
         if self.device_name is None:
             self.device_name = self.state.cached().get("device")
         if self.device_name is None:
-            resp = self.http.request("GET", "/v1/whoami")
-            raise_for_auth(resp)
-            if resp.status != 200:
-                raise SyncError(f"GET /v1/whoami: HTTP {resp.status} {resp.reason}")
-            self.device_name = str(resp.json()["name"])
+            self.device_name = str(self._call("GET", "/v1/whoami").json()["name"])
             self.state.save_cached(device=self.device_name)
         return self.device_name
 
     # ------------------------------------------------------------ 2. push
     def push(self, report: SyncReport) -> None:
         for path in self.state.pending():
-            resp = self.http.request("POST", "/v1/updates", body=self.state.body(path),
-                                     headers={"Content-Type": wire.CONTENT_TYPE})
-            raise_for_auth(resp)
-            if resp.status in (200, 201, 202):
+            resp = self._call("POST", "/v1/updates", (200, 201, 202), refusals=True, body=self.state.body(path),
+                              headers={"Content-Type": wire.CONTENT_TYPE})
+            if resp.status < 300:
                 self.state.mark_sent(path)
                 report.pushed += 1
                 report.duplicates += int(bool(resp.json().get("duplicate")))
-            elif 400 <= resp.status < 500:
+            else:
                 self.state.mark_rejected(path, resp.status, resp.reason)
                 report.rejected.append((resp.status, resp.reason))
-            else:
-                raise SyncError(f"POST /v1/updates: HTTP {resp.status} {resp.reason}")
 
     # ------------------------------------------------------------ 2b. consented crops
     def push_crops(self, report: SyncReport, batch: int = 128) -> None:
         """Upload labelled face crops, oldest first, only while the device's owner consents; after
         a withdrawal with erase, ask the server to delete this device's crops instead."""
-        outbox = getattr(self.learner, "crop_outbox", lambda: None)()
+        outbox = self.learner.crop_outbox()
         if outbox is None:
             return
         if outbox.erase_pending():
-            resp = self.http.request("DELETE", "/v1/crops")
-            raise_for_auth(resp)
-            if resp.status != 200:
-                raise SyncError(f"DELETE /v1/crops: HTTP {resp.status} {resp.reason}")
-            report.crops_erased = int(resp.json().get("deleted", 0))
+            report.crops_erased = int(self._call("DELETE", "/v1/crops").json().get("deleted", 0))
             outbox.erase_done()
         while outbox.shared() and len(outbox):
             crops, labels, upto = outbox.batch(batch)
             meta = {"format": CROPS_FORMAT, "device": self._name(), "package_version": self.learner.package_version(),
                     "classes": [str(c) for c in self.learner.head().classes],
                     "idempotency_key": batch_key(self._name(), crops, labels)}
-            resp = self.http.request("POST", "/v1/crops", body=wire.encode(meta, {"crops": crops, "labels": labels}),
-                                     headers={"Content-Type": wire.CONTENT_TYPE})
-            raise_for_auth(resp)
-            if resp.status in (200, 201):
+            resp = self._call("POST", "/v1/crops", (200, 201), refusals=True,
+                              body=wire.encode(meta, {"crops": crops, "labels": labels}),
+                              headers={"Content-Type": wire.CONTENT_TYPE})
+            if resp.status < 300:
                 report.crops_sent += len(labels)
-            elif 400 <= resp.status < 500 and resp.status not in (408, 429):
-                # refused for good (e.g. crops of an older input size): dropped, or they would block the rest
+            else:  # refused for good (e.g. crops of an older input size): dropped, or they would block the rest
                 report.rejected.append((resp.status, f"crops: {resp.reason}"))
-            else:
-                raise SyncError(f"POST /v1/crops: HTTP {resp.status} {resp.reason}")
             outbox.acknowledge(upto)
 
     # ------------------------------------------------------------ 3 + 4. pull and merge
@@ -230,13 +222,10 @@ class Syncer:
         cached = self.state.cached()
         ref = self.state.reference()
         headers = {"If-None-Match": cached["etag"]} if cached.get("etag") and ref is not None else {}
-        resp = self.http.request("GET", "/v1/model", headers=headers)
-        raise_for_auth(resp)
+        resp = self._call("GET", "/v1/model", (200, 304), headers=headers)
         if resp.status == 304:
             report.package_version, report.head_version = ref.package_version, ref.base_head_version
             return
-        if resp.status != 200:
-            raise SyncError(f"GET /v1/model: HTTP {resp.status} {resp.reason}")
         info = resp.json()
         package_version, head_version = str(info["package_version"]), int(info["head_version"])
         current = self.state.package_dir("current")
@@ -250,7 +239,7 @@ class Syncer:
         head = fetch_head(self.http, self.state.root, info)
         if head.input_dim != int(info["embedding_dim"]):
             raise SyncError(f"global head takes {head.input_dim}-d embeddings, the package makes {info['embedding_dim']}-d ones")
-        with self._change():  # downloads above, outside the lock; the merge is one state change
+        with self.learner.change():  # downloads above, outside the lock; the merge is one state change
             merged, replay = self._merge(package_dir, head, have_package, head_version, package_version, report)
         self.state.save_cached(etag=resp.headers.get("ETag"), package_version=package_version, head_version=head_version,
                                synced_at=time.time())
@@ -366,10 +355,9 @@ class DeviceLearner:
 
 
 def sync_device(device, server_url: str, token: str, *, policy: MergePolicy = MergePolicy(), timeout_s: float = 15.0,
-                retries: int = 4) -> tuple[SyncReport, object]:
-    """Sync one ``Device`` with the server: the report, and the same device, switched in place
-    to the new package when the server has one (returned for the callers that still take it)."""
+                retries: int = 4) -> SyncReport:
+    """Sync one ``Device`` (or its ``DeviceLearner``) with the server; the device switches in place
+    to the new package when the server has one (``Device.switch_package``)."""
     learner = device if isinstance(device, DeviceLearner) else DeviceLearner(device)
     http = Http(server_url, token, timeout_s=timeout_s, retries=retries)
-    report = Syncer(learner.device.state_dir, learner, http, policy=policy).sync()
-    return report, learner.device
+    return Syncer(learner.device.state_dir, learner, http, policy=policy).sync()

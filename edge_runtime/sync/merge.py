@@ -37,11 +37,10 @@ def adopt_and_replay(global_head: OnlineHead, embeddings: Optional[np.ndarray], 
         keep = rng.choice(len(y), policy.max_samples, replace=False)
         x, y = x[keep], y[keep]
     version = head.version
-    step = getattr(head, "learn_step", None) or head.partial_fit  # numpy Adam on the device when available
     for _ in range(policy.replay_epochs):
         order = rng.permutation(len(y))
         for start in range(0, len(y), policy.batch_size):
             idx = order[start:start + policy.batch_size]
-            step(x[idx], y[idx])
+            head.learn_step(x[idx], y[idx])  # numpy Adam: the device never needs scikit-learn
     head.version = version  # the head still descends from this global version
     return head

@@ -25,13 +25,8 @@ import numpy as np
 
 from .. import safe_npz
 from ..atomic import atomic_write_bytes, atomic_write_text
+from ..paths import managed_model_dir  # noqa: F401  (sync.state.managed_model_dir, as its callers know it)
 from .transport import SyncError
-
-
-def managed_model_dir(state_dir: Path) -> Optional[Path]:
-    """The package sync installed for this state folder, if any (``<state>/sync/packages/current``)."""
-    link = Path(state_dir) / "sync" / "packages" / "current"
-    return link if link.exists() else None
 
 
 def _npz_bytes(**arrays) -> bytes:

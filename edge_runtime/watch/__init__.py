@@ -6,7 +6,6 @@ One frame loop owns the ``Device``; everything slow or unreliable happens beside
 ``sampler``   which frames to analyse at ``--fps`` (on the source's clock, drift-free)
 ``slot``      the one-frame hand-over from reader to loop: the newest frame wins
 ``reader``    the thread that reads the source, paces files, reopens dropped streams
-``queueing``  which uncertain faces go to the caregiver (interval, near-duplicates)
 ``distress``  the hysteresis state machine that turns negative valence into alerts
 ``summary``   per-minute shares of expressions and valence
 ``jsonl``     crash-tolerant append-only JSON-lines files

@@ -12,10 +12,11 @@ import os
 import sys
 from pathlib import Path
 
+from ..clitools import FAILURE_EXIT
 from .distress import DistressSettings
-from .queueing import QueueSettings
+from ..queue_policy import QueueSettings
 
-SOURCE_EXIT = 2
+SOURCE_EXIT = FAILURE_EXIT  # a camera not there (yet): the command failed, its command line is fine
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,7 +67,7 @@ def settings_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace, config, prog: str = "infantino-edge") -> int:
-    """Open SOURCE (exit 2 if it cannot be), then the device, then watch."""
+    """Open SOURCE (exit 1 if it cannot be), then the device, then watch."""
     from ..device import Device, default_model_dir, default_state_dir
     from ..sync.state import managed_model_dir
     from .loop import Watch

@@ -25,16 +25,16 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any, Iterator, Optional
 
 from ..preprocess import ImageError
+from ..queue_policy import QUEUE, QueuePolicy, QueueSettings
 from ..state import StateConflict, StateError
 from ..state_lock import StateLockTimeout
 from .distress import START, DistressEvent, DistressMonitor, DistressSettings
 from .events import AlertHook, EventLog
 from .live import watch_folder
-from .queueing import QUEUE, QueuePolicy, QueueSettings
 from .reader import Frame, Reader
 from .slot import LatestSlot
 from .sources import FrameSource
@@ -86,12 +86,13 @@ class Watch:
                                  max_bytes=settings.max_timeline_bytes)
         self.events = EventLog(self.folder)
         self.hook = AlertHook(settings.on_alert, settings.on_alert_timeout_s) if settings.on_alert else None
-        self.policy = QueuePolicy(settings.queue)
+        queue = settings.queue  # one threshold: the device's, unless the watch names its own
+        self.policy = QueuePolicy(queue if queue.min_uncertainty is not None else
+                                  replace(queue, min_uncertainty=device.config.uncertainty_threshold))
         self.monitor = DistressMonitor(settings.distress)
         self.board = StatusBoard()
         self.sync = SyncWorker(settings.sync, lambda: self.device) if settings.sync else None
         self._running = device.package  # the package the loop's bookkeeping is for (sync switches the device in place)
-        self._valence = valence_of(device.classes)
         self._hurry = False
         self.swaps = 0
 
@@ -138,8 +139,9 @@ class Watch:
             queued = self.device.queue_frame(pred, source=f"watch frame {frame.index}")
             if queued is not None:
                 self.policy.queued(t, pred.embedding)
-        event = self.monitor.update(t, self._valence[pred.index] == NEGATIVE if face else None)
-        self.timeline.record(t, face, pred.index, pred.probabilities, pred.uncertainty, queued)
+        event = self.monitor.update(t, valence_of(pred.classes)[pred.index] == NEGATIVE if face else None)
+        # in the classes of the package that predicted it: sync may have switched to another layout meanwhile
+        self.timeline.record(t, face, pred.index, pred.probabilities, pred.uncertainty, queued, classes=pred.classes)
         self.board.frame(t, face, pred.label, float(pred.probabilities[pred.index]), queued is not None,
                          time.monotonic() - frame.grabbed)
         if event is not None:
@@ -195,7 +197,7 @@ class Watch:
         if new is self._running:
             return
         old, self._running = self._running, new
-        self._valence = valence_of(self.device.classes)
+        self.timeline.switch_classes(self.device.classes)
         self.policy.forget_embedding()  # another extractor: old embeddings are not comparable
         self.swaps += 1
         log.warning("now running model package %s (was %s)", new.version, old.version)

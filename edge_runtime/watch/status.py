@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..atomic import atomic_write_text
+from ..personal import describe
 
 STATUS_FILE = "status.json"
 
@@ -89,10 +90,8 @@ def human(rec: dict) -> str:
     parts = [f"{rec['fps']:.1f} fps", f"faces {face}", f"last {last['label']} {last['p']:.2f}" if last else "last -",
              f"queue {rec.get('queue', '?')}", sync_txt, f"dropped {rec.get('dropped', 0)}", f"skipped {rec.get('skipped', 0)}",
              f"latency {lat:.0f} ms" if lat is not None else "latency -", f"{rec['rss_mb']:.0f} MB"]
-    cam = rec.get("camera")
-    if cam and cam.get("level") not in (None, "shared"):
-        top = max(cam["prior"], key=cam["prior"].get)
-        parts.append(f"camera mix learned ({sum(cam['labels'].values())} labels, mostly {top} {cam['prior'][top]:.0%})")
+    if rec.get("camera"):
+        parts.append(describe(rec["camera"]))
     if rec.get("alert_active"):
         parts.append("DISTRESS ALERT ACTIVE")
     return "watch: " + ", ".join(parts)

@@ -93,7 +93,7 @@ class SyncWorker(threading.Thread):
         s, st = self.settings, self.status
         st.attempts += 1
         try:
-            report, _ = sync_device(self.current(), s.server, s.token, timeout_s=s.timeout_s, retries=s.retries)
+            report = sync_device(self.current(), s.server, s.token, timeout_s=s.timeout_s, retries=s.retries)
             error = report.error
             st.installed += int(report.package_changed)
             st.pushed += report.pushed

@@ -61,13 +61,15 @@ class Timeline:
 
     # ------------------------------------------------------------ writing
     def record(self, t: float, face_found: bool, label_index: int, probabilities: Sequence[float], uncertainty: float,
-               queued_id: Optional[str] = None) -> Optional[dict]:
-        """One analysed frame; returns the summary of a minute it closed, if any."""
+               queued_id: Optional[str] = None, classes: Optional[Sequence[str]] = None) -> Optional[dict]:
+        """One analysed frame (``label_index`` and ``probabilities`` in ``classes``' order, by default the
+        timeline's); returns the summary of a minute it closed, if any."""
         finished = self._roll(t)
         self._open_day(day_of(t))
         rec: dict = {"t": round(t, 2), "face": bool(face_found)}
         if face_found:
-            rec.update(label=self.classes[label_index], p=[round(float(p), 3) for p in probabilities], u=round(float(uncertainty), 3))
+            name = (self.classes if classes is None else classes)[label_index]
+            rec.update(label=name, p=[round(float(p), 3) for p in probabilities], u=round(float(uncertainty), 3))
         if queued_id:
             rec["q"] = queued_id
         self.bytes_written += self._frames.append(rec)
@@ -81,6 +83,11 @@ class Timeline:
         rec = {"t": round(t, 2), "skipped": str(reason)[:200]}
         self.bytes_written += self._frames.append(rec)
         self._count(rec)
+
+    def switch_classes(self, classes: Sequence[str]) -> None:
+        """The camera now runs a package with another class layout: frames are named by it from now
+        on; the minute in progress keeps counting by name."""
+        self.classes = tuple(classes)
 
     def mark_alert(self, t: float) -> None:
         """An alert started at ``t``: counted in its minute's summary."""
@@ -102,8 +109,7 @@ class Timeline:
             self._minute.skipped += 1
             return
         label = rec.get("label")
-        index = self.classes.index(label) if rec.get("face") and label in self.classes else None
-        self._minute.add(index, queued=bool(rec.get("q")))
+        self._minute.add(str(label) if rec.get("face") and label is not None else None, queued=bool(rec.get("q")))
 
     def _roll(self, t: float) -> Optional[dict]:
         """Start ``t``'s minute; write and return the previous one when ``t`` left it."""

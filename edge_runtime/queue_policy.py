@@ -1,9 +1,14 @@
-"""Which analysed frames go to the caregiver's queue (pure: no I/O, the stream's own clock).
+"""Which predicted frames go to the caregiver's queue: the one policy (pure: no I/O, the caller's clock).
 
 A camera at 2 fps sees 170,000 frames a day; a caregiver labels a handful. Queue a frame only
-if a face was found, the head is unsure about it, ``every_s`` has passed since the last queued
-one, and it is not nearly the same picture as that one (a sleeping baby is one question, not
-a thousand): cosine similarity of the embeddings at or above ``duplicate_cosine``.
+if a face was found (``faces_only``), the head is unsure about it (``min_uncertainty``),
+``every_s`` has passed since the last queued one, and it is not nearly the same picture as
+that one (a sleeping baby is one question, not a thousand): cosine similarity of the
+embeddings at or above ``duplicate_cosine`` (None: no such check).
+
+``Device.predict(enqueue=True)`` asks it with the settings of its ``DeviceConfig`` (any
+unsure frame, face or not, at most one per ``queue_min_interval_s``); the camera loop
+(``watch``) predicts with ``enqueue=False`` and asks its own, stricter one on the stream's clock.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..uncertainty import DEFAULT_THRESHOLD
+from .uncertainty import DEFAULT_THRESHOLD
 
 QUEUE = "queue"
 
@@ -20,11 +25,13 @@ QUEUE = "queue"
 @dataclass(frozen=True)
 class QueueSettings:
     every_s: float = 60.0
-    min_uncertainty: float = DEFAULT_THRESHOLD
-    duplicate_cosine: float = 0.98
+    min_uncertainty: Optional[float] = None  # None: the device's ``uncertainty_threshold`` (``DEFAULT_THRESHOLD`` alone)
+    duplicate_cosine: Optional[float] = 0.98
+    faces_only: bool = True
 
     def __post_init__(self) -> None:
-        if self.every_s < 0 or not 0.0 <= self.min_uncertainty <= 1.0 or not -1.0 <= self.duplicate_cosine <= 1.0:
+        cos, low = self.duplicate_cosine, self.min_uncertainty
+        if self.every_s < 0 or (low is not None and not 0.0 <= low <= 1.0) or (cos is not None and not -1.0 <= cos <= 1.0):
             raise ValueError("--queue-every must be >= 0, uncertainty in [0, 1], cosine in [-1, 1]")
 
 
@@ -39,14 +46,15 @@ class QueuePolicy:
     def decide(self, t: float, face_found: bool, uncertainty: float, embedding: Optional[np.ndarray]) -> str:
         """``QUEUE`` or the reason not to: ``no face``, ``confident``, ``too soon``, ``duplicate``."""
         s = self.settings
-        if not face_found:
+        if s.faces_only and not face_found:
             return "no face"
-        if uncertainty < s.min_uncertainty:
+        if uncertainty < (DEFAULT_THRESHOLD if s.min_uncertainty is None else s.min_uncertainty):
             return "confident"
         if self._last_t is not None and t - self._last_t < s.every_s:
             return "too soon"
         last = self._last_embedding
-        if embedding is not None and last is not None and np.size(embedding) == last.size and cosine(embedding, last) >= s.duplicate_cosine:
+        if s.duplicate_cosine is not None and embedding is not None and last is not None and np.size(embedding) == last.size \
+                and cosine(embedding, last) >= s.duplicate_cosine:
             return "duplicate"
         return QUEUE
 

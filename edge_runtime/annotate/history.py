@@ -1,4 +1,4 @@
-"""A tiny bounded log of recent predictions for the page's timeline chart (no flask here).
+"""``QueueHistory``: a tiny bounded log of recent queued frames for the page's timeline chart (no flask here).
 
 The device does not keep a history of its predictions, so the page records what it sees:
 each queued frame (its time and predicted expression) and, once a caregiver answers, the
@@ -18,7 +18,9 @@ from ..atomic import atomic_write_text
 DEFAULT_MAX_ENTRIES = 1000
 
 
-class Timeline:
+class QueueHistory:
+    """The queued frames the page saw and the labels given; not the camera's ``watch.timeline.Timeline``."""
+
     def __init__(self, path: str | Path, max_entries: int = DEFAULT_MAX_ENTRIES):
         self.path = Path(path)
         self.max_entries = max_entries
