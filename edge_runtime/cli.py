@@ -20,7 +20,7 @@ from typing import Callable
 
 from .clitools import OneLineParser, UsageError, add_verbose, run_command
 from .device import Device, DeviceConfig, default_model_dir, default_state_dir
-from .personal import describe
+from .camera import describe
 
 PROG = "infantino-edge"
 

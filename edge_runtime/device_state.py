@@ -2,7 +2,7 @@
 
 Payload arrays: ``head_npz`` (the head's own npz bytes), ``replay_*`` and ``holdout_*``
 (``replay.py``), ``anchor_<i>`` (the L2-SP anchor, which is also the fleet's head as adopted),
-``pool_*`` and ``personal_*`` (the camera's own part, ``personal.CameraModel``); meta: ``format``, the package version,
+``pool_*`` and ``personal_*`` (the camera's own part, ``camera.CameraModel``); meta: ``format``, the package version,
 the counters and the ids of the last queued frames learned. A snapshot of another package
 is not applied (its embeddings mean nothing to this extractor): the device starts from
 the new package's head, its kept face crops re-embedded by sync.

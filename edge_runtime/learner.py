@@ -1,7 +1,7 @@
 """``GuardedLearner``: the learning policy of a device, numpy only (no ONNX Runtime, no I/O).
 
 Two parts, kept apart: the *shared* head the fleet aggregates (this device's update of it is
-what sync uploads) and the *camera's own* adaptation on top of it (``personal.CameraModel``:
+what sync uploads) and the *camera's own* adaptation on top of it (``camera.CameraModel``:
 its class mix and its lean, guarded on its own labels; never uploaded, kept across new
 global heads and packages). The device predicts with both (``predict_proba``).
 
@@ -28,7 +28,8 @@ import numpy as np
 
 from .config import DeviceConfig
 from .head import OnlineHead
-from .personal import CameraModel, PersonalSettings
+from .camera import CameraModel
+from .personal import PersonalSettings
 from .replay import HoldoutSet, ReplayBuffer
 
 COUNTERS = ("predictions", "queued", "labels", "updates", "rollbacks", "held_out", "from_queue", "adopted")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infantino.edge_runtime import personal
+from infantino.edge_runtime import camera, personal
 from infantino.edge_runtime.config import DeviceConfig
 from infantino.edge_runtime.head import HeadParams, OnlineHead
 from infantino.edge_runtime.learner import GuardedLearner
@@ -32,7 +32,7 @@ def camera_gain(head: OnlineHead, mix: np.ndarray, n_labels: int, seed: int) -> 
     """Points over the head on the camera's own future frames after ``n_labels`` random labels of 240 frames."""
     frames, fy = world(240, mix, seed)
     test, ty = world(600, mix, seed + 1000)
-    cam = personal.CameraModel(K, DIM)
+    cam = camera.CameraModel(K, DIM)
     learner_kept: tuple[list, list] = ([], [])
     for x in frames:
         cam.observe(x, head)
@@ -98,7 +98,7 @@ def test_bias_fit_recovers_a_constant_logit_offset():
 
 
 def test_the_frame_pool_is_a_ring_that_forgets_labelled_frames():
-    pool = personal.FramePool(2, size=3, n_classes=2)
+    pool = camera.FramePool(2, size=3, n_classes=2)
     for v in range(5):
         pool.add(np.array([v, v], np.float32), np.array([0.5, 0.5]))
     assert sorted(pool.all()[:, 0]) == [2, 3, 4]
@@ -107,28 +107,28 @@ def test_the_frame_pool_is_a_ring_that_forgets_labelled_frames():
     pool.add(np.array([9, 9], np.float32), np.array([0.1, 0.9]))
     pool.add(np.array([8, 8], np.float32), np.array([0.2, 0.8]))  # full again: the oldest (2) goes
     assert sorted(pool.all()[:, 0]) == [4, 8, 9]
-    again = personal.FramePool.from_arrays(pool.to_arrays(), 2, 3, 2)
+    again = camera.FramePool.from_arrays(pool.to_arrays(), 2, 3, 2)
     assert np.allclose(again.probs()[-1], [0.2, 0.8])
     again.add(np.array([7, 7], np.float32), np.array([0.5, 0.5]))  # the reloaded pool keeps the age order: 4 is the oldest
     assert sorted(again.all()[:, 0]) == [7, 8, 9]
 
 
 def test_camera_state_round_trips_and_refuses_arrays_that_do_not_fit(head):
-    cam = personal.CameraModel(K, DIM)
+    cam = camera.CameraModel(K, DIM)
     x, y = world(60, np.array([0.7, 0.1, 0.1, 0.1]), 2)
     for xi in x:
         cam.observe(xi, head)
     for i in range(30):
         cam.labelled(x[i], int(y[i]), head, lambda: (x[: i + 1], y[: i + 1]))
-    again = personal.CameraModel(K, DIM)
+    again = camera.CameraModel(K, DIM)
     again.load_arrays(cam.to_arrays())
     assert again.adaptation.level == cam.adaptation.level and np.array_equal(again.counts, cam.counts)
     assert np.allclose(again.apply(head.predict_proba(x), x), cam.apply(head.predict_proba(x), x), atol=1e-5)
     bad = dict(cam.to_arrays(), personal_prior=np.array([np.nan, 1, 1, 1]))
     with pytest.raises(ValueError, match="personal arrays do not fit"):
-        personal.CameraModel(K, DIM).load_arrays(bad)
+        camera.CameraModel(K, DIM).load_arrays(bad)
     with pytest.raises(ValueError, match="pool arrays do not fit"):
-        personal.CameraModel(K, DIM).load_arrays(dict(cam.to_arrays(), pool_x=np.zeros((3, DIM + 1), np.float16)))
+        camera.CameraModel(K, DIM).load_arrays(dict(cam.to_arrays(), pool_x=np.zeros((3, DIM + 1), np.float16)))
 
 
 def test_the_learner_predicts_with_the_fleets_head_and_the_cameras_part(head):

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..atomic import atomic_write_text
-from ..personal import describe
+from ..camera import describe
 
 STATUS_FILE = "status.json"
 
