@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from infantino.edge_runtime.datasets import data_root
 from infantino.edge_runtime.device import Device, DeviceConfig
 from infantino.edge_runtime.extractor import Extractor
 from infantino.edge_runtime.facefinder import FaceFinder, detector_file
@@ -36,7 +37,7 @@ from infantino.edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, ImageError,
 from infantino.edge_runtime.splits import grouped_stratified_folds, stratified_split
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = data_root()  # $INFANTINO_DATA, else ../shared/data next to the repository (README, Data)
 
 
 @dataclass

@@ -340,7 +340,7 @@ def plot(summary: dict, out: Path) -> None:
 
     plt = pyplot()
     alphas, budgets = summary["protocol"]["alphas"], summary["protocol"]["budgets"]
-    fig, axes = plt.subplots(1, len(alphas), figsize=(5 * len(alphas), 4), sharey=True)
+    fig, axes = plt.subplots(1, len(alphas), figsize=(5 * len(alphas), 5.2), sharey=True)
     for ax, alpha in zip(np.atleast_1d(axes), alphas):
         for m, cells in summary["table"].items():
             if m.startswith(("new", "prior + bias")) and m != NEW:
@@ -353,11 +353,12 @@ def plot(summary: dict, out: Path) -> None:
         ax.set_title(f"class mix: {'uniform' if alpha == 'uniform' else 'Dirichlet ' + alpha}")
         ax.set_xlabel("caregiver labels (random)")
     np.atleast_1d(axes)[0].set_ylabel("points over frozen, camera's own frames")
-    np.atleast_1d(axes)[-1].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
     fig.savefig(out / "personalization_labels.png", dpi=110)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9, 5))
     profiles = summary["protocol"]["profiles"]
     shown = [m for m in summary["gain_by_profile_60_labels"] if not m.startswith(("new", "prior + bias")) or m == NEW]
     width = 0.8 / len(shown)
@@ -366,8 +367,8 @@ def plot(summary: dict, out: Path) -> None:
     ax.set_xticks(np.arange(len(profiles)) + 0.4, profiles)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_ylabel("points over frozen at 60 labels")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=6, frameon=False)
+    fig.tight_layout(rect=(0, 0.18, 1, 1))
     fig.savefig(out / "personalization_profiles.png", dpi=110)
     plt.close(fig)
 
