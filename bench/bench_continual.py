@@ -33,12 +33,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
-from infantino.edge_runtime.datasets import FER, INFANT, DataMissing, data_path, fer_file, infant_folder
+from infantino.edge_runtime.core.datasets import FER, INFANT, DataMissing, data_path, fer_file, infant_folder
 from infantino.edge_runtime.device import Device, DeviceConfig
-from infantino.edge_runtime.head import HeadParams, OnlineHead
-from infantino.edge_runtime.imagefolder import list_image_folder, split_items
-from infantino.edge_runtime.preprocess import ImageError, decode_gray, faces_tensor
-from infantino.edge_runtime.splits import stratified_split
+from infantino.edge_runtime.core.head import HeadParams, OnlineHead
+from infantino.edge_runtime.core.imagefolder import list_image_folder, split_items
+from infantino.edge_runtime.core.preprocess import ImageError, decode_gray, faces_tensor
+from infantino.edge_runtime.core.splits import stratified_split
 
 from infantino.fleet_demo.cameras import night_ir  # one night-IR camera for the demo and every benchmark
 

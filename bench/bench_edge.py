@@ -44,11 +44,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = Path(__file__).parent / "results"
 from infantino.edge_runtime.device import Device, DeviceConfig
-from infantino.edge_runtime.imagefolder import list_image_folder, split_items, write_split
-from infantino.edge_runtime.metrics import confusion_matrix, macro_f1
-from infantino.edge_runtime.preprocess import CLASSES, ImageError, faces_tensor
-from infantino.edge_runtime.replay import balanced_indices
-from infantino.edge_runtime.splits import stratified_split
+from infantino.edge_runtime.core.imagefolder import list_image_folder, split_items, write_split
+from infantino.edge_runtime.core.metrics import confusion_matrix, macro_f1
+from infantino.edge_runtime.core.preprocess import CLASSES, ImageError, faces_tensor
+from infantino.edge_runtime.core.replay import balanced_indices
+from infantino.edge_runtime.core.splits import stratified_split
 
 from _timing import percentiles, timeit
 
@@ -57,7 +57,7 @@ def camera_frame(seed: int = 0) -> np.ndarray:
     """A 640x480 RGB frame: a real infant photo scaled to cover it when the data is here, else noise."""
     from PIL import Image
 
-    from infantino.edge_runtime.preprocess import crop_face, decode_gray
+    from infantino.edge_runtime.core.preprocess import crop_face, decode_gray
 
     root = SHARED / "infant"
     if root.is_dir():
@@ -114,8 +114,8 @@ def device_process(model_dir: str, n: int, frame_path: str, threads: int = 1) ->
     load a second (fp32) extractor a device would not hold."""
     import cv2
 
-    from infantino.edge_runtime.extractor import Extractor
-    from infantino.edge_runtime.preprocess import decode_gray, decode_rgb, detect_faces, face_tensor, rgb_to_gray
+    from infantino.edge_runtime.core.extractor import Extractor
+    from infantino.edge_runtime.core.preprocess import decode_gray, decode_rgb, detect_faces, face_tensor, rgb_to_gray
 
     cv2.setNumThreads(threads)
     rss_imports = _rss_mb()
@@ -176,7 +176,7 @@ def device_process(model_dir: str, n: int, frame_path: str, threads: int = 1) ->
         out["haar_coarse_ms"] = timeit(lambda: detect_faces(gray, max_side=160), n)
         out["haar_full_frame_ms"] = timeit(lambda: detect_faces(gray, max_side=10_000), max(10, n // 10))
         tensor = face_tensor(face.pixels, device.spec)
-        from infantino.edge_runtime.uncertainty import Uncertainty
+        from infantino.edge_runtime.core.uncertainty import Uncertainty
 
         emb = device.extractor(tensor)
         out["head_predict_ms"] = timeit(lambda: device.head.predict_proba(emb), n)
@@ -191,8 +191,8 @@ def device_process(model_dir: str, n: int, frame_path: str, threads: int = 1) ->
 
 def sklearn_comparison(model_dir: str, n: int) -> dict:
     """The same update through MLPClassifier.partial_fit, and our numpy step, in this process."""
-    from infantino.edge_runtime.head import OnlineHead
-    from infantino.edge_runtime.package import open_package
+    from infantino.edge_runtime.core.head import OnlineHead
+    from infantino.edge_runtime.core.package import open_package
 
     head = OnlineHead.load(open_package(model_dir).path("head"))
     rng = np.random.default_rng(0)
@@ -240,8 +240,8 @@ def torch_column(args: argparse.Namespace, data: bytes) -> dict:
     from infantino.export.model import EmbeddingExtractor, ModelConfig, build_model
     from infantino.export.train import load_checkpoint
 
-    from infantino.edge_runtime.package import open_package
-    from infantino.edge_runtime.facefinder import prepare
+    from infantino.edge_runtime.core.package import open_package
+    from infantino.edge_runtime.core.facefinder import prepare
 
     package = open_package(args.model_dir, verify=False)
     if args.torch_checkpoint:
@@ -256,7 +256,7 @@ def torch_column(args: argparse.Namespace, data: bytes) -> dict:
         weights = "untrained, the manifest's architecture"
     onnx = {prec: package.path(role) for prec, role in (("int8", "extractor_int8"), ("fp32", "extractor")) if package.has(role)}
     peak = peaks(tuple(args.threads))
-    from infantino.edge_runtime.facefinder import FaceFinder
+    from infantino.edge_runtime.core.facefinder import FaceFinder
 
     tensor = prepare(data, package.manifest.preprocess, finder=FaceFinder.for_package(package)).tensor
     out = compare_runtimes(EmbeddingExtractor(net).eval(), onnx, tensor, args.n, peak, tuple(args.threads))
@@ -295,7 +295,7 @@ def latency(args: argparse.Namespace) -> None:
         np.save(str(frame_path) + ".npy", frame)
         runs = {str(t): device_run(args, frame_path, t) for t in args.threads}
         data = frame_path.read_bytes()
-    from infantino.edge_runtime.package import open_package
+    from infantino.edge_runtime.core.package import open_package
 
     res = {"package": open_package(args.model_dir, verify=False).version, "n": args.n,
            "machine": {"cpus": os.cpu_count(), "loadavg_1min": os.getloadavg()[0], "threads": args.threads},

@@ -51,7 +51,7 @@ def compare_runtimes(extractor, onnx: dict[str, Path], x: np.ndarray, repeats: i
     its fraction of ``peak`` (matmul GFLOP/s per thread count). Also the torch-vs-fp32 parity."""
     import torch
 
-    from infantino.edge_runtime.onnx_session import cpu_session
+    from infantino.edge_runtime.core.onnx_session import cpu_session
 
     xt = torch.from_numpy(x)
     out: dict = {"flops_per_face": flops(extractor, xt) // len(x)}
@@ -80,7 +80,7 @@ def bench_arch(arch: str, ckpt: str | None, calib: np.ndarray, x: np.ndarray, re
     from infantino.export.quantize import quantize_extractor
     from infantino.export.train import load_checkpoint
 
-    from infantino.edge_runtime.preprocess import DEFAULT_SPEC
+    from infantino.edge_runtime.core.preprocess import DEFAULT_SPEC
 
     net = load_checkpoint(ckpt)[0] if ckpt else build_model(ModelConfig(arch=arch), imagenet_init=False).eval()
     out: dict = {"arch": arch, "weights": ckpt or "untrained", "params": sum(p.numel() for p in net.parameters())}
@@ -113,7 +113,7 @@ def print_rows(rows: list[dict], peak: dict[str, float], threads: tuple[int, ...
 
 def calibration_faces(fer: Path, n: int = 129) -> tuple[np.ndarray, str]:
     """Normalised FER faces for int8 calibration and timing, or noise when the data is absent."""
-    from infantino.edge_runtime.preprocess import DEFAULT_SPEC, normalize
+    from infantino.edge_runtime.core.preprocess import DEFAULT_SPEC, normalize
 
     if fer.exists():
         from infantino.export.data import load_fer

@@ -46,12 +46,12 @@ def load_faces(package: Path, seeds: list[int], devices: int, held_out: dict[str
     """Per seed: crops (uint8, package size) and labels of the held-out parts (default ``{"test": 0.3}``)
     and one equal share of the rest per device. Every photo is cropped once; the splits keep
     duplicate files on one side."""
-    from infantino.edge_runtime.datasets import infant_folder
-    from infantino.edge_runtime.imagefolder import list_image_folder, split_items
-    from infantino.edge_runtime.package import open_package
-    from infantino.edge_runtime.facefinder import FaceFinder
-    from infantino.edge_runtime.facefinder import prepare
-    from infantino.edge_runtime.preprocess import ImageError
+    from infantino.edge_runtime.core.datasets import infant_folder
+    from infantino.edge_runtime.core.imagefolder import list_image_folder, split_items
+    from infantino.edge_runtime.core.package import open_package
+    from infantino.edge_runtime.core.facefinder import FaceFinder
+    from infantino.edge_runtime.core.facefinder import prepare
+    from infantino.edge_runtime.core.preprocess import ImageError
 
     opened = open_package(package)
     spec, finder = opened.manifest.preprocess, FaceFinder.for_package(opened)
@@ -83,10 +83,10 @@ def accuracy(head, x, y) -> float:
 
 def product_path(package: Path, faces: dict, n_devices: int, rounds: int, work: Path, seed: int) -> dict:
     from infantino.edge_runtime.device import Device, DeviceConfig
-    from infantino.edge_runtime.extractor import Extractor
-    from infantino.edge_runtime.head import OnlineHead
-    from infantino.edge_runtime.package import open_package
-    from infantino.edge_runtime.preprocess import faces_tensor
+    from infantino.edge_runtime.core.extractor import Extractor
+    from infantino.edge_runtime.core.head import OnlineHead
+    from infantino.edge_runtime.core.package import open_package
+    from infantino.edge_runtime.core.preprocess import faces_tensor
     from infantino.edge_runtime.sync.client import DeviceLearner, sync_device
     from infantino.edge_runtime.sync.transport import Http
     from infantino.sync_server import store as st
@@ -181,9 +181,9 @@ def product_path(package: Path, faces: dict, n_devices: int, rounds: int, work: 
 
 
 def embeddings(package: Path, faces: dict, n_devices: int):
-    from infantino.edge_runtime.extractor import Extractor
-    from infantino.edge_runtime.package import open_package
-    from infantino.edge_runtime.preprocess import faces_tensor
+    from infantino.edge_runtime.core.extractor import Extractor
+    from infantino.edge_runtime.core.package import open_package
+    from infantino.edge_runtime.core.preprocess import faces_tensor
 
     pkg = open_package(package)
     role = "extractor_int8" if pkg.has("extractor_int8") else "extractor"
@@ -207,8 +207,8 @@ def local_delta(head, x, y, rng, epochs: int = 3, batch: int = 16):
 def simulate(package: Path, emb: dict, n_devices: int, strategy, steps: int, seed: int, max_tau: int = 3,
              poisoned: int | None = None) -> float:
     """Asynchronous FedBuff: K = n_devices updates per step, each from a head tau versions old."""
-    from infantino.edge_runtime.head import OnlineHead
-    from infantino.edge_runtime.package import open_package
+    from infantino.edge_runtime.core.head import OnlineHead
+    from infantino.edge_runtime.core.package import open_package
     from infantino.sync_server.aggregate import aggregate_deltas, apply_step
 
     rng = np.random.default_rng(seed)
@@ -267,14 +267,14 @@ def main(argv=None) -> int:
     package = find_package(args.package)
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
-    from infantino.edge_runtime.datasets import DataMissing
+    from infantino.edge_runtime.core.datasets import DataMissing
 
     try:
         faces = load_faces(package, seeds, args.devices)
     except DataMissing as exc:
         sys.exit(f"bench_federated: {exc}")
     print(f"cropped {sum(len(v[1]) for v in faces[seeds[0]].values())} photos per split in {time.perf_counter() - t0:.0f} s")
-    from infantino.edge_runtime.package import open_package
+    from infantino.edge_runtime.core.package import open_package
 
     shown = package.resolve().relative_to(REPO) if package.resolve().is_relative_to(REPO) else package
     result = {"package": str(shown), "package_version": open_package(package).version, "devices": args.devices, "rounds": args.rounds, "seeds": seeds}

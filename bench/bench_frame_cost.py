@@ -33,9 +33,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from infantino.edge_runtime.datasets import data_root  # noqa: E402
+from infantino.edge_runtime.core.datasets import data_root  # noqa: E402
 from infantino.edge_runtime.device import Device, DeviceConfig  # noqa: E402
-from infantino.edge_runtime.preprocess import decode_rgb, normalize, resize_face  # noqa: E402
+from infantino.edge_runtime.core.preprocess import decode_rgb, normalize, resize_face  # noqa: E402
 from infantino.edge_runtime.state import SETTLED_NS  # noqa: E402
 
 from _timing import percentiles  # noqa: E402

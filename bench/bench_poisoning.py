@@ -45,7 +45,7 @@ HAPPY = 3  # FER2013 order
 
 
 def crafted_body(name: str, info: dict, shapes: list[tuple[int, ...]], classes: list[str]) -> bytes:
-    from infantino.edge_runtime import wire
+    from infantino.edge_runtime.core import wire
 
     layers = [np.zeros(s, np.float32) for s in shapes]
     layers[-1][classes.index("happy")] = 49.9
@@ -55,7 +55,7 @@ def crafted_body(name: str, info: dict, shapes: list[tuple[int, ...]], classes: 
 
 def attack(url: str, tokens: dict[str, str], posts: int, shapes: list, classes: list[str]) -> list[int]:
     """Every hostile token posts ``posts`` crafted updates on the served head; returns the statuses."""
-    from infantino.edge_runtime import wire
+    from infantino.edge_runtime.core import wire
     from infantino.edge_runtime.sync.transport import Http
 
     statuses = []
@@ -105,7 +105,7 @@ def _devices(package: Path, faces: dict, work: Path, seed: int, rounds: int):
 def run(package: Path, faces: dict, x_test: np.ndarray, strategy: str, scenario: str, gate_dir: Path | None,
         work: Path, seed: int, rounds: int) -> dict:
     """One fleet: 9 honest devices, the scenario's attackers, ``rounds`` rounds; the served head's test accuracy."""
-    from infantino.edge_runtime.head import OnlineHead
+    from infantino.edge_runtime.core.head import OnlineHead
     from infantino.edge_runtime.sync.client import sync_device
     from infantino.edge_runtime.sync.transport import Http
     from infantino.sync_server import store as st
@@ -145,9 +145,9 @@ def run(package: Path, faces: dict, x_test: np.ndarray, strategy: str, scenario:
 
 
 def _test_embeddings(package: Path, faces: dict) -> np.ndarray:
-    from infantino.edge_runtime.extractor import Extractor
-    from infantino.edge_runtime.package import open_package
-    from infantino.edge_runtime.preprocess import faces_tensor
+    from infantino.edge_runtime.core.extractor import Extractor
+    from infantino.edge_runtime.core.package import open_package
+    from infantino.edge_runtime.core.preprocess import faces_tensor
 
     pkg = open_package(package)
     role = "extractor_int8" if pkg.has("extractor_int8") else "extractor"
@@ -155,7 +155,7 @@ def _test_embeddings(package: Path, faces: dict) -> np.ndarray:
 
 
 def bench(package: Path, seeds: list[int], rounds: int, strategies: list[str], gates: list[bool], work: Path) -> dict:
-    from infantino.edge_runtime.package import open_package
+    from infantino.edge_runtime.core.package import open_package
 
     t0 = time.perf_counter()
     faces_by_seed = load_faces(package, seeds, HONEST, held_out={"test": 0.25, "gate": 0.15})
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else {}
-    from infantino.edge_runtime.package import open_package
+    from infantino.edge_runtime.core.package import open_package
 
     previous[args.label] = {"package": str(package), "package_version": open_package(package).version, "seeds": args.seeds,
                             "rounds": args.rounds, **result}

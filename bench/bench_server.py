@@ -46,9 +46,9 @@ def find_package(arg: str | None) -> Path | None:
 
 def synthetic_package(folder: Path) -> Path:
     """A package with the release head's shape (64-d embedding, 64 hidden, 7 classes)."""
-    from infantino.edge_runtime.head import HeadParams, OnlineHead
-    from infantino.edge_runtime.package import Manifest, describe_files, write_manifest
-    from infantino.edge_runtime.preprocess import DEFAULT_SPEC
+    from infantino.edge_runtime.core.head import HeadParams, OnlineHead
+    from infantino.edge_runtime.core.package import Manifest, describe_files, write_manifest
+    from infantino.edge_runtime.core.preprocess import DEFAULT_SPEC
     from infantino.export.tiny_package import linear_extractor
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def _device_proc(args):
     """One process driving several device threads; returns latencies and outcomes."""
     import threading
 
-    from infantino.edge_runtime import wire
+    from infantino.edge_runtime.core import wire
 
     port, tokens, info, layers, seconds, start_at, keepalive = args
     results = []
@@ -146,7 +146,7 @@ def bench_ingest(package: Path, devices: int, seconds: float, workers: int, thre
 
 
 def _bench_ingest(package, devices, seconds, workers, threads, procs, data, url, label, keepalive) -> dict:
-    from infantino.edge_runtime.head import OnlineHead
+    from infantino.edge_runtime.core.head import OnlineHead
     from infantino.sync_server.process import ServerProcess, cli, served_store
     from infantino.sync_server import store as st
 
@@ -165,7 +165,7 @@ def _bench_ingest(package, devices, seconds, workers, threads, procs, data, url,
         head = OnlineHead.from_bytes(conn.getresponse().read())
         conn.close()
         layers = [np.asarray(a, np.float32) for a in head.weights()]
-        body_bytes = len(__import__("infantino.edge_runtime.wire", fromlist=["x"]).encode_update(
+        body_bytes = len(__import__("infantino.edge_runtime.core.wire", fromlist=["x"]).encode_update(
             device="x", base_head_version=1, base_package_version="x", layers=layers, n_samples=1, idempotency_key="k" * 32))
         start_at = time.time() + 3.0
         groups = [tokens[i::procs] for i in range(procs)]
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="infantino-bench-"))
     try:
         package = find_package(args.package) or synthetic_package(work / "package")
-        from infantino.edge_runtime.package import open_package
+        from infantino.edge_runtime.core.package import open_package
 
         shown = package.resolve().relative_to(REPO) if package.resolve().is_relative_to(REPO) else package
         result = {"package": str(shown), "package_version": open_package(package).version, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),

@@ -35,7 +35,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
-from infantino.edge_runtime.datasets import data_root
+from infantino.edge_runtime.core.datasets import data_root
 from infantino.edge_runtime.device import Device, DeviceConfig
 from infantino.edge_runtime.watch.loop import Watch, WatchSettings
 from infantino.edge_runtime.watch.sources import open_source, parse_source
@@ -51,7 +51,7 @@ def make_video(path: Path, photos: int, seconds_each: float = 1.0, seed: int = 0
     """A 640x480 MJPG video: each photo scaled to cover the frame, panned slowly for ``seconds_each``."""
     import cv2
 
-    from infantino.edge_runtime.preprocess import decode_rgb
+    from infantino.edge_runtime.core.preprocess import decode_rgb
 
     root = data_root() / "infant"
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.core.preprocess import CLASSES
 from infantino.fleet_demo.data import find_images, plan_split
 
 

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infantino.edge_runtime.datasets import FER, INFANT, DataMissing, data_path, fer_file, infant_folder
-from infantino.edge_runtime.head import HeadParams, OnlineHead
-from infantino.edge_runtime.imagefolder import list_image_folder, split_items, write_split
-from infantino.edge_runtime.metrics import summarize
-from infantino.edge_runtime.preprocess import CLASSES, ImageError, crop_face, decode_gray, normalize, resize_face
+from infantino.edge_runtime.core.datasets import FER, INFANT, DataMissing, data_path, fer_file, infant_folder
+from infantino.edge_runtime.core.head import HeadParams, OnlineHead
+from infantino.edge_runtime.core.imagefolder import list_image_folder, split_items, write_split
+from infantino.edge_runtime.core.metrics import summarize
+from infantino.edge_runtime.core.preprocess import CLASSES, ImageError, crop_face, decode_gray, normalize, resize_face
 from infantino.export.adapt import adabn
-from infantino.edge_runtime.splits import stratified_split
+from infantino.edge_runtime.core.splits import stratified_split
 from infantino.export.data import FaceSet, load_fer
 from infantino.export.train import TrainConfig, load_checkpoint, train
 

@@ -25,16 +25,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from infantino.edge_runtime.datasets import data_root
+from infantino.edge_runtime.core.datasets import data_root
 from infantino.edge_runtime.device import Device, DeviceConfig
-from infantino.edge_runtime.extractor import Extractor
-from infantino.edge_runtime.facefinder import FaceFinder, detector_file
-from infantino.edge_runtime.head import HeadParams, OnlineHead
-from infantino.edge_runtime.imagefolder import list_image_folder
-from infantino.edge_runtime.metrics import summarize, valence_accuracy
-from infantino.edge_runtime.package import open_package
-from infantino.edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, ImageError, PreprocessSpec, decode_rgb, faces_tensor, resize_face, rgb_to_gray
-from infantino.edge_runtime.splits import grouped_stratified_folds, stratified_split
+from infantino.edge_runtime.core.extractor import Extractor
+from infantino.edge_runtime.core.facefinder import FaceFinder, detector_file
+from infantino.edge_runtime.core.head import HeadParams, OnlineHead
+from infantino.edge_runtime.core.imagefolder import list_image_folder
+from infantino.edge_runtime.core.metrics import summarize, valence_accuracy
+from infantino.edge_runtime.core.package import open_package
+from infantino.edge_runtime.core.preprocess import CLASSES, DEFAULT_SPEC, ImageError, PreprocessSpec, decode_rgb, faces_tensor, resize_face, rgb_to_gray
+from infantino.edge_runtime.core.splits import grouped_stratified_folds, stratified_split
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = data_root()  # $INFANTINO_DATA, else ../shared/data next to the repository (README, Data)

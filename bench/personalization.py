@@ -44,16 +44,16 @@ sys.path.insert(0, str(Path(__file__).parent))  # run as a script from anywhere:
 import infant_cv as cv  # noqa: E402
 
 from infantino.edge_runtime.config import DeviceConfig  # noqa: E402
-from infantino.edge_runtime.extractor import Extractor  # noqa: E402
-from infantino.edge_runtime.facefinder import FaceFinder  # noqa: E402
-from infantino.edge_runtime.head import OnlineHead  # noqa: E402
+from infantino.edge_runtime.core.extractor import Extractor  # noqa: E402
+from infantino.edge_runtime.core.facefinder import FaceFinder  # noqa: E402
+from infantino.edge_runtime.core.head import OnlineHead  # noqa: E402
 from infantino.edge_runtime.learner import GuardedLearner  # noqa: E402
-from infantino.edge_runtime.package import open_package  # noqa: E402
+from infantino.edge_runtime.core.package import open_package  # noqa: E402
 from infantino.edge_runtime.package_runtime import PackageRuntime  # noqa: E402
-from infantino.edge_runtime import personal  # noqa: E402
-from infantino.edge_runtime.preprocess import ImageError, decode_rgb, faces_tensor, resize_face, rgb_to_gray  # noqa: E402
-from infantino.edge_runtime.splits import grouped_stratified_folds  # noqa: E402
-from infantino.edge_runtime.uncertainty import score as uncertainty_score  # noqa: E402
+from infantino.edge_runtime.core import personal  # noqa: E402
+from infantino.edge_runtime.core.preprocess import ImageError, decode_rgb, faces_tensor, resize_face, rgb_to_gray  # noqa: E402
+from infantino.edge_runtime.core.splits import grouped_stratified_folds  # noqa: E402
+from infantino.edge_runtime.core.uncertainty import score as uncertainty_score  # noqa: E402
 from infantino.fleet_demo.cameras import PROFILES, render  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

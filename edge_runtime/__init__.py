@@ -7,7 +7,7 @@
 
 The device core imports numpy, Pillow, onnxruntime, scikit-learn and OpenCV only.
 Every name here is loaded on first use, so that importing a light module
-(``infantino.edge_runtime.wire``, ``infantino.edge_runtime.package``, the numpy-only
+(``infantino.edge_runtime.core.wire``, ``infantino.edge_runtime.core.package``, the numpy-only
 ``learner``) neither starts ONNX Runtime nor imports Pillow.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .classes import CLASSES
+    from .core.classes import CLASSES
     from .device import Device, DeviceConfig, Prediction
-    from .preprocess import ImageError, PreprocessSpec
+    from .core.preprocess import ImageError, PreprocessSpec
 
 _LAZY = {"Device": "device", "DeviceConfig": "device", "Prediction": "device", "CLASSES": "classes",
          "ImageError": "preprocess", "PreprocessSpec": "preprocess"}

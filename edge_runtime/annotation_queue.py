@@ -29,9 +29,9 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from .atomic import _fsync_dir, atomic_write_bytes, atomic_write_text
+from .core.atomic import _fsync_dir, atomic_write_bytes, atomic_write_text
 from .config import DEFAULT_MAX_ITEMS
-from .preprocess import CLASSES
+from .core.preprocess import CLASSES
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{8}$")
 

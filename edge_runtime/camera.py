@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from .personal import EPS, LEVELS, Adaptation, Candidate, PersonalSettings, adapt, choose, em_prior
+from .core.personal import EPS, LEVELS, Adaptation, Candidate, PersonalSettings, adapt, choose, em_prior
 
 
 class FramePool:
@@ -203,7 +203,7 @@ class CameraModel:
         weight = float(np.asarray(arrays.get("personal_frame_weight", 0.0)))
         head = None
         if LEVELS[level] == "personal":
-            from .head import HeadFormatError, OnlineHead
+            from .core.head import HeadFormatError, OnlineHead
 
             try:
                 head = OnlineHead.from_bytes(np.asarray(arrays["personal_head_npz"], np.uint8).tobytes())

@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
-from .clitools import OneLineParser, UsageError, add_verbose, run_command
+from .core.clitools import OneLineParser, UsageError, add_verbose, run_command
 from .device import Device, DeviceConfig, default_model_dir, default_state_dir
 from .camera import describe
 

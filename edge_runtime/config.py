@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .extractor import DEFAULT_THREADS
-from .uncertainty import DEFAULT_THRESHOLD
+from .core.extractor import DEFAULT_THREADS
+from .core.uncertainty import DEFAULT_THRESHOLD
 
 DEFAULT_MAX_ITEMS = 200  # frames the annotation queue keeps for the caregiver (``AnnotationQueue``)
 

@@ -22,8 +22,8 @@ from typing import Iterator
 
 import numpy as np
 
-from . import safe_npz
-from .atomic import atomic_write_bytes, atomic_write_text
+from .core import safe_npz
+from .core.atomic import atomic_write_bytes, atomic_write_text
 
 CONSENT_NAME = "consent.json"
 OUTBOX_NAME = "consent_outbox.npz"

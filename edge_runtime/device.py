@@ -30,19 +30,19 @@ from .annotation_queue import AnnotationQueue
 from .config import DeviceConfig
 from .consent import CropOutbox, record_consent
 from .device_state import STATE_FORMAT
-from .head import OnlineHead
+from .core.head import OnlineHead
 from .learner import LearnResult
 from .package_runtime import PackageRuntime, embed_crops, load_replay_seed
 from .paths import default_model_dir, default_state_dir, model_dir_for
 from .prediction import Cached, Prediction, frame_key, source_name
-from .preprocess import ImageError, ImageSource, Prepared, has_contrast
+from .core.preprocess import ImageError, ImageSource, Prepared, has_contrast
 from .queue_policy import QUEUE, QueuePolicy, QueueSettings
-from .replay import ReplayBuffer
+from .core.replay import ReplayBuffer
 from .samples import SampleKeeper
 from .state import StateStore
 from .state_lock import StateLock
 from .state_owner import InputError, StateOwner
-from .uncertainty import Uncertainty
+from .core.uncertainty import Uncertainty
 
 __all__ = ["Device", "DeviceConfig", "InputError", "LearnResult", "Prediction", "STATE_FORMAT", "default_model_dir", "model_dir_for",
            "default_state_dir", "load_replay_seed"]

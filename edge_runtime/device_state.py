@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from .head import OnlineHead
+from .core.head import OnlineHead
 from .learner import GuardedLearner
-from .replay import HoldoutSet, ReplayBuffer
+from .core.replay import HoldoutSet, ReplayBuffer
 from .state import Snapshot, StateError
 
 STATE_FORMAT = "infantino-device-state/1"

@@ -18,10 +18,10 @@ from typing import Callable
 import numpy as np
 
 from .device import Device
-from .imagefolder import list_image_folder
-from .metrics import summarize
+from .core.imagefolder import list_image_folder
+from .core.metrics import summarize
 from .package_runtime import PackageRuntime
-from .preprocess import ImageError
+from .core.preprocess import ImageError
 
 
 @dataclass

@@ -27,10 +27,10 @@ from typing import Optional
 import numpy as np
 
 from .config import DeviceConfig
-from .head import OnlineHead
+from .core.head import OnlineHead
 from .camera import CameraModel
-from .personal import PersonalSettings
-from .replay import HoldoutSet, ReplayBuffer
+from .core.personal import PersonalSettings
+from .core.replay import HoldoutSet, ReplayBuffer
 
 COUNTERS = ("predictions", "queued", "labels", "updates", "rollbacks", "held_out", "from_queue", "adopted")
 

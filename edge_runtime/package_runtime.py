@@ -14,14 +14,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from . import safe_npz
+from .core import safe_npz
 from .config import DeviceConfig
-from .extractor import Extractor
-from .facefinder import FaceFinder, prepare, uses_blazeface
-from .head import HeadFormatError, OnlineHead
-from .package import ModelPackage, PackageError, open_package
-from .preprocess import ImageSource, PreprocessSpec, Prepared, faces_tensor
-from .replay import ReplayBuffer
+from .core.extractor import Extractor
+from .core.facefinder import FaceFinder, prepare, uses_blazeface
+from .core.head import HeadFormatError, OnlineHead
+from .core.package import ModelPackage, PackageError, open_package
+from .core.preprocess import ImageSource, PreprocessSpec, Prepared, faces_tensor
+from .core.replay import ReplayBuffer
 
 
 @dataclass(frozen=True)

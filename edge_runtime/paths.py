@@ -12,7 +12,7 @@ from pathlib import Path
 
 from typing import Optional
 
-from .release import bundled_model_dir
+from .core.release import bundled_model_dir
 
 
 def default_model_dir() -> Path:

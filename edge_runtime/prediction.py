@@ -10,7 +10,7 @@ from typing import Any, Iterator, Union
 import numpy as np
 from PIL import Image
 
-from .preprocess import ImageError, ImageSource
+from .core.preprocess import ImageError, ImageSource
 
 
 @dataclass

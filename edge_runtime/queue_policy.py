@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from .uncertainty import DEFAULT_THRESHOLD
+from .core.uncertainty import DEFAULT_THRESHOLD
 
 QUEUE = "queue"
 

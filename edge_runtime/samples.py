@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import safe_npz
-from .atomic import _fsync_dir, atomic_write_bytes
+from .core import safe_npz
+from .core.atomic import _fsync_dir, atomic_write_bytes
 from .state_lock import StateLock
 
 MAGIC = b"INFANTINO-SAMPLES/1\n"

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from . import safe_npz
-from .atomic import atomic_write_bytes, atomic_write_text
+from .core import safe_npz
+from .core.atomic import atomic_write_bytes, atomic_write_text
 from .state_lock import StateLock
 
 MAGIC = b"INFANTINO-STATE/1\n"

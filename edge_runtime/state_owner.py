@@ -24,10 +24,10 @@ import numpy as np
 
 from .annotation_queue import QueueError
 from .device_state import apply_snapshot, learner_arrays, learner_meta, of_another_package
-from .head import OnlineHead
+from .core.head import OnlineHead
 from .learner import GuardedLearner, LearnResult
 from .prediction import Learnable, Prediction
-from .preprocess import face_tensor, has_contrast, require_contrast
+from .core.preprocess import face_tensor, has_contrast, require_contrast
 from .rollback import undo_on_failure
 from .state import StateConflict
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from infantino.edge_runtime.preprocess import DEFAULT_SPEC, normalize
+from infantino.edge_runtime.core.preprocess import DEFAULT_SPEC, normalize
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from infantino.edge_runtime.preprocess import DEFAULT_SPEC, PreprocessSpec
+from infantino.edge_runtime.core.preprocess import DEFAULT_SPEC, PreprocessSpec
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from infantino.edge_runtime.head import HeadParams, OnlineHead
-from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.core.head import HeadParams, OnlineHead
+from infantino.edge_runtime.core.preprocess import CLASSES
 
 
 def balanced_mix(fer_x: np.ndarray, fer_y: np.ndarray, x: np.ndarray, y: np.ndarray, repeat: int, seed: int = 0

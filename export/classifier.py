@@ -11,7 +11,7 @@ from onnx import compose
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
 
-from infantino.edge_runtime.head import OnlineHead
+from infantino.edge_runtime.core.head import OnlineHead
 
 from .onnx_export import OPSET, OUTPUT
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from infantino.edge_runtime.clitools import OneLineParser, UsageError, add_verbose, run_command
-from infantino.edge_runtime.datasets import FER, data_path, data_root, fer_file
+from infantino.edge_runtime.core.clitools import OneLineParser, UsageError, add_verbose, run_command
+from infantino.edge_runtime.core.datasets import FER, data_path, data_root, fer_file
 
 PROG = "infantino-export"
 

@@ -1,6 +1,6 @@
 """Training data: FER2013 faces and ImageFolder photos, through the device's preprocessing.
 
-Every image becomes a uint8 face crop of the model's size by ``infantino.edge_runtime.preprocess``
+Every image becomes a uint8 face crop of the model's size by ``infantino.edge_runtime.core.preprocess``
 (the exact code the device runs); augmentation then works on batches of those crops in
 torch, and the last step is the device's own normalisation.
 """
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from infantino.edge_runtime.facefinder import FaceFinder
-from infantino.edge_runtime.imagefolder import list_image_folder
-from infantino.edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, ImageError, PreprocessSpec, resize_face
+from infantino.edge_runtime.core.facefinder import FaceFinder
+from infantino.edge_runtime.core.imagefolder import list_image_folder
+from infantino.edge_runtime.core.preprocess import CLASSES, DEFAULT_SPEC, ImageError, PreprocessSpec, resize_face
 
 
 @dataclass

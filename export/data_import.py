@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.core.preprocess import CLASSES
 
 PHOTOS = ("modeling", "src", "data", "online_raw")
 FACES = ("modeling", "src", "data", "processed", "train")
@@ -69,12 +69,17 @@ def import_infantino(checkout: str | os.PathLike, out: str | os.PathLike) -> Imp
     return report
 
 
-def read_labels(path: Path) -> np.ndarray:
-    """``train_lb.npy`` as int64 class indices: integer labels, or one-hot rows (both seen in copies of FER)."""
+def _load_npy(path: Path) -> np.ndarray:
+    """One ``.npy`` file, no pickles; anything else is refused in one line naming the file."""
     try:
-        raw = np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise ImportRefused(f"{path}: not a numpy array file ({str(exc).splitlines()[0]})") from None
+
+
+def read_labels(path: Path) -> np.ndarray:
+    """``train_lb.npy`` as int64 class indices: integer labels, or one-hot rows (both seen in copies of FER)."""
+    raw = _load_npy(path)
     if raw.ndim == 2 and raw.shape[1] == len(CLASSES) and np.isin(raw, (0, 1)).all() and (raw.sum(axis=1) == 1).all():
         return raw.argmax(axis=1).astype(np.int64)
     if raw.ndim != 1 or raw.dtype.kind not in "iuf" or (raw.dtype.kind == "f" and not np.all(np.mod(raw, 1) == 0)):
@@ -88,10 +93,7 @@ def read_labels(path: Path) -> np.ndarray:
 
 def read_face(path: Path) -> np.ndarray:
     """One ``A_<i>.npy``: (3, 48, 48) or (48, 48), whole numbers 0-255, as uint8 48 x 48 grey."""
-    try:
-        raw = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ImportRefused(f"{path}: not a numpy array file ({str(exc).splitlines()[0]})") from None
+    raw = _load_npy(path)
     if raw.shape not in ((3, FACE_SIDE, FACE_SIDE), (FACE_SIDE, FACE_SIDE)) or raw.dtype.kind not in "iuf":
         raise ImportRefused(f"{path}: a face must be a (3, 48, 48) or (48, 48) number array, not {raw.dtype} {raw.shape}")
     if raw.min() < 0 or raw.max() > 255 or (raw.dtype.kind == "f" and not np.all(np.mod(raw, 1) == 0)):

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from infantino.edge_runtime.atomic import atomic_write_text
-from infantino.edge_runtime.blazeface import VARIANTS
-from infantino.edge_runtime.facefinder import DETECTOR_FILE, DETECTOR_INFO
-from infantino.edge_runtime.onnx_session import cpu_session
+from infantino.edge_runtime.core.atomic import atomic_write_text
+from infantino.edge_runtime.core.blazeface import VARIANTS
+from infantino.edge_runtime.core.facefinder import DETECTOR_FILE, DETECTOR_INFO
+from infantino.edge_runtime.core.onnx_session import cpu_session
 
 TFLITE_NAMES = {"short_range": "face_detection_short_range.tflite", "full_range": "face_detection_full_range.tflite"}
 PARITY_TOLERANCE = 1e-3
@@ -173,8 +173,8 @@ def attach_detector(package_dir: str | os.PathLike, detector_dir: str | os.PathL
     The package's crops change, so its version does too (``-bf`` appended once)."""
     from dataclasses import replace
 
-    from infantino.edge_runtime.facefinder import detector_spec
-    from infantino.edge_runtime.package import describe_files, open_package, write_manifest
+    from infantino.edge_runtime.core.facefinder import detector_spec
+    from infantino.edge_runtime.core.package import describe_files, open_package, write_manifest
 
     folder = Path(package_dir)
     manifest = open_package(folder).manifest

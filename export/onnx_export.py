@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from infantino.edge_runtime.onnx_session import cpu_session
+from infantino.edge_runtime.core.onnx_session import cpu_session
 
 from .model import EmbeddingExtractor, ExpressionNet
 

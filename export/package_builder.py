@@ -8,7 +8,7 @@ The package is built in a scratch folder and moved into place at the end.
 
 ``trained_on`` says what the network saw as data, never as a path of this machine: the FER
 file's name, and for extra photos (``train --images``, ``--adabn``) a count, a digest of the set
-and a short key per file (``infantino.edge_runtime.datasets.image_set_record``); the folders must still
+and a short key per file (``infantino.edge_runtime.core.datasets.image_set_record``); the folders must still
 be there when the package is built.
 """
 from __future__ import annotations
@@ -22,15 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from infantino.edge_runtime.atomic import atomic_write_bytes
-from infantino.edge_runtime.datasets import image_folders_record
-from infantino.edge_runtime.facefinder import FaceFinder, detector_file, uses_blazeface
-from infantino.edge_runtime.head import HeadParams, OnlineHead
-from infantino.edge_runtime.metrics import summarize
-from infantino.edge_runtime.onnx_session import cpu_session
-from infantino.edge_runtime.package import MANIFEST, Manifest, describe_files, read_manifest, sha256_file, write_manifest
-from infantino.edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, PreprocessSpec, normalize
-from infantino.edge_runtime.splits import stratified_split
+from infantino.edge_runtime.core.atomic import atomic_write_bytes
+from infantino.edge_runtime.core.datasets import image_folders_record
+from infantino.edge_runtime.core.facefinder import FaceFinder, detector_file, uses_blazeface
+from infantino.edge_runtime.core.head import HeadParams, OnlineHead
+from infantino.edge_runtime.core.metrics import summarize
+from infantino.edge_runtime.core.onnx_session import cpu_session
+from infantino.edge_runtime.core.package import MANIFEST, Manifest, describe_files, read_manifest, sha256_file, write_manifest
+from infantino.edge_runtime.core.preprocess import CLASSES, DEFAULT_SPEC, PreprocessSpec, normalize
+from infantino.edge_runtime.core.splits import stratified_split
 
 from .classifier import PROBABILITIES, merge_classifier
 from .detector import copy_into_package

@@ -10,7 +10,7 @@ import io
 import tarfile
 from pathlib import Path
 
-from infantino.edge_runtime.package import MANIFEST, open_package
+from infantino.edge_runtime.core.package import MANIFEST, open_package
 from infantino.edge_runtime.sync.transport import Http, SyncError
 
 

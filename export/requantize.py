@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from infantino.edge_runtime.head import OnlineHead
-from infantino.edge_runtime.onnx_session import cpu_session
-from infantino.edge_runtime.package import describe_files, open_package, write_manifest
-from infantino.edge_runtime.preprocess import normalize
-from infantino.edge_runtime.splits import stratified_split
+from infantino.edge_runtime.core.head import OnlineHead
+from infantino.edge_runtime.core.onnx_session import cpu_session
+from infantino.edge_runtime.core.package import describe_files, open_package, write_manifest
+from infantino.edge_runtime.core.preprocess import normalize
+from infantino.edge_runtime.core.splits import stratified_split
 
 from .classifier import PROBABILITIES, merge_classifier
 from .data import load_fer

@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from infantino.edge_runtime.head import HeadParams, OnlineHead
-from infantino.edge_runtime.package import Manifest, describe_files, write_manifest
-from infantino.edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, faces_tensor
+from infantino.edge_runtime.core.head import HeadParams, OnlineHead
+from infantino.edge_runtime.core.package import Manifest, describe_files, write_manifest
+from infantino.edge_runtime.core.preprocess import CLASSES, DEFAULT_SPEC, faces_tensor
 
 EMBED_DIM = 16
 

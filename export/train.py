@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from infantino.edge_runtime.atomic import atomic_write_text, atomic_write_with
-from infantino.edge_runtime.metrics import summarize
-from infantino.edge_runtime.preprocess import CLASSES, DEFAULT_SPEC, PreprocessSpec, normalize
-from infantino.edge_runtime.splits import stratified_split
+from infantino.edge_runtime.core.atomic import atomic_write_text, atomic_write_with
+from infantino.edge_runtime.core.metrics import summarize
+from infantino.edge_runtime.core.preprocess import CLASSES, DEFAULT_SPEC, PreprocessSpec, normalize
+from infantino.edge_runtime.core.splits import stratified_split
 
 from .augment import AugmentConfig, augment
 from .data import FaceSet, load_fer, load_image_folder
@@ -95,14 +95,14 @@ def split_data(cfg: TrainConfig) -> tuple[FaceSet, FaceSet]:
 
 def training_spec(cfg: TrainConfig) -> PreprocessSpec:
     """The spec the --images photos are cropped with (and the package built from this run keeps)."""
-    from infantino.edge_runtime.facefinder import detector_spec
+    from infantino.edge_runtime.core.facefinder import detector_spec
 
     base = detector_spec(cfg.detector) if cfg.detector else DEFAULT_SPEC
     return PreprocessSpec.from_dict({**base.to_dict(), **cfg.preprocess})
 
 
 def image_finder(cfg: TrainConfig):
-    from infantino.edge_runtime.facefinder import FaceFinder, detector_file
+    from infantino.edge_runtime.core.facefinder import FaceFinder, detector_file
 
     spec = training_spec(cfg)
     return FaceFinder.from_file(spec, detector_file(cfg.detector) if cfg.detector else None)

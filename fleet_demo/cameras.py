@@ -126,6 +126,6 @@ def plan_cameras(shards: list[list[tuple[Path, int]]], test: list[tuple[Path, in
 
 def frame(path: str | Path, profile: str, seed: int) -> np.ndarray:
     """The frame a camera with ``profile`` sends for the photo at ``path`` (``ImageError`` when unreadable)."""
-    from infantino.edge_runtime.preprocess import decode_rgb
+    from infantino.edge_runtime.core.preprocess import decode_rgb
 
     return render(decode_rgb(path), profile, seed)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from infantino.edge_runtime.clitools import OneLineParser, add_verbose, run_command
+from infantino.edge_runtime.core.clitools import OneLineParser, add_verbose, run_command
 from infantino.edge_runtime.device import default_model_dir
-from infantino.edge_runtime.package import open_package
-from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.core.package import open_package
+from infantino.edge_runtime.core.preprocess import CLASSES
 
 from .cameras import plan_cameras
 from .data import find_images, fresh_out, plan_split, trained_on_held_out
@@ -183,7 +183,7 @@ def _print_results(arms: dict, summary: Path, plots: list) -> None:
 
 def _write_test_folder(root: Path, items: list[tuple[Path, int]]) -> Path:
     """The held-out photos as an ImageFolder of links, for the server's publish gate."""
-    from infantino.edge_runtime.imagefolder import write_split
+    from infantino.edge_runtime.core.imagefolder import write_split
 
     return write_split({"test": items}, root)["test"]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from infantino.edge_runtime.datasets import ENV, INFANT, data_path
-from infantino.edge_runtime.imagefolder import list_image_folder, split_items
+from infantino.edge_runtime.core.datasets import ENV, INFANT, data_path
+from infantino.edge_runtime.core.imagefolder import list_image_folder, split_items
 
 
 def find_images(arg: str | None) -> Path:
@@ -46,8 +46,8 @@ def trained_on_held_out(package: Path, test: list[tuple[Path, int]]) -> int:
     package scored on photos it learned from would flatter itself. Only exact files are caught;
     re-encoded crops of a held-out photo (``crops export``) are not, unless the manifest names
     the photos they were cut from (the release package does)."""
-    from infantino.edge_runtime.datasets import file_key
-    from infantino.edge_runtime.package import open_package
+    from infantino.edge_runtime.core.datasets import file_key
+    from infantino.edge_runtime.core.package import open_package
 
     seen = trained_keys(open_package(package, verify=False).manifest.trained_on.get("images"))
     return sum(file_key(p) in seen for p, _ in test)
@@ -57,7 +57,7 @@ def trained_keys(images: dict | list | None) -> set[str]:
     """The content keys of the photos a manifest's ``trained_on.images`` names: the record's
     ``file_keys`` (``image_set_record``), or, from manifests written before records, the
     images in those folders that still exist on this machine."""
-    from infantino.edge_runtime.datasets import image_folders_record
+    from infantino.edge_runtime.core.datasets import image_folders_record
 
     if isinstance(images, dict):
         return set(images.get("file_keys") or [])

@@ -25,9 +25,9 @@ import numpy as np
 
 from infantino.edge_runtime.device import Device, DeviceConfig
 from infantino.edge_runtime.evaluate import embed_items
-from infantino.edge_runtime.head import OnlineHead
-from infantino.edge_runtime.metrics import summarize
-from infantino.edge_runtime.preprocess import ImageError
+from infantino.edge_runtime.core.head import OnlineHead
+from infantino.edge_runtime.core.metrics import summarize
+from infantino.edge_runtime.core.preprocess import ImageError
 from infantino.edge_runtime.sync.client import sync_device
 from infantino.edge_runtime.sync.transport import Http
 from infantino.sync_server.process import LocalServer

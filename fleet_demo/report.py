@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from infantino.edge_runtime.atomic import atomic_write_text
-from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.core.atomic import atomic_write_text
+from infantino.edge_runtime.core.preprocess import CLASSES
 
 from .fleet import RoundRecord
 

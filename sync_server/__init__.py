@@ -19,7 +19,7 @@ from typing import Optional
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from infantino.edge_runtime.backoff import backoff_delay
+from infantino.edge_runtime.core.backoff import backoff_delay
 
 from .aggregate import Strategy, ingest_bound
 from .outage import RETRY_AFTER_S, OutageLog

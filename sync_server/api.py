@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from flask import Blueprint, abort, current_app, g, jsonify, request, send_file
 
-from infantino.edge_runtime import wire
+from infantino.edge_runtime.core import wire
 
 from . import crops, models, publish
 from .auth import require
@@ -151,7 +151,7 @@ def _read_update(cfg) -> tuple[bytes, dict, dict]:
     """(body, checked meta, arrays) of ``POST /v1/updates``, sent by the device the token belongs to."""
     body = read_body(cfg["MAX_UPDATE_BYTES"])
     if not body:
-        refuse(400, "malformed", "empty body; send the update as an npz (infantino.edge_runtime.wire.encode_update)")
+        refuse(400, "malformed", "empty body; send the update as an npz (infantino.edge_runtime.core.wire.encode_update)")
     raw_meta, arrays = decode_body(body, max_inflated=cfg["MAX_UPDATE_BYTES"])  # never more than the body's own limit
     meta = check_meta(raw_meta, cfg)
     client = g.client

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from infantino.edge_runtime.clitools import OneLineParser, UsageError, add_verbose, run_command
+from infantino.edge_runtime.core.clitools import OneLineParser, UsageError, add_verbose, run_command
 
 from .cli_serving import DEFAULT_PACKAGE_ENV, PROG, default_package, promote_dir, serve_default_if_empty
 

@@ -15,7 +15,7 @@ DEFAULT_PACKAGE_ENV = "INFANTINO_DEFAULT_PACKAGE"
 
 def _installed_release() -> Path:
     """``./data/models`` when run beside one, else the release this install ships (no checkout assumed)."""
-    from infantino.edge_runtime.release import bundled_model_dir
+    from infantino.edge_runtime.core.release import bundled_model_dir
 
     here = Path("data/models")
     return here.resolve() if here.is_dir() else (bundled_model_dir() or here)

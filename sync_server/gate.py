@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 
 from infantino.edge_runtime.config import DeviceConfig
 from infantino.edge_runtime.evaluate import EmbeddedSet, embed_folder
-from infantino.edge_runtime.head import OnlineHead
-from infantino.edge_runtime.metrics import summarize
+from infantino.edge_runtime.core.head import OnlineHead
+from infantino.edge_runtime.core.metrics import summarize
 from infantino.edge_runtime.package_runtime import PackageRuntime
 
 

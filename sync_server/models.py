@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from infantino.edge_runtime.head import HeadFormatError, OnlineHead
-from infantino.edge_runtime.onnx_session import ModelLoadError, cpu_session
-from infantino.edge_runtime.package import MANIFEST, PackageError, open_package, sha256_file
+from infantino.edge_runtime.core.head import HeadFormatError, OnlineHead
+from infantino.edge_runtime.core.onnx_session import ModelLoadError, cpu_session
+from infantino.edge_runtime.core.package import MANIFEST, PackageError, open_package, sha256_file
 
 from . import store as st
 from .names import InvalidName, child_path

@@ -4,7 +4,7 @@ Promotions, rounds and publish decisions write a ``tracking_outbox`` row inside 
 transaction; one background thread per process drains them. A lease in the store lets
 only one process drain at a time; the first failure stops a pass (order matters), keeps
 the error on the row and the worker retries with jittered exponential backoff
-(``infantino.edge_runtime.backoff``), unless the recorder's ``permanent(exc)`` says the row
+(``infantino.edge_runtime.core.backoff``), unless the recorder's ``permanent(exc)`` says the row
 itself can never be recorded (MLflow refusing a value, a row whose data is gone): that row
 is set aside as a dead letter (done, its error kept, counted in ``status`` and ``/metrics``)
 and the pass carries on, so one poison row delays the others by nothing but itself. The worker knows nothing of what recording means:
@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from infantino.edge_runtime.backoff import backoff_delay
+from infantino.edge_runtime.core.backoff import backoff_delay
 
 from . import store as st
 

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
-from infantino.edge_runtime.package import sha256_file
+from infantino.edge_runtime.core.package import sha256_file
 
 from .names import InvalidName, child_path
 

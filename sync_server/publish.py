@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from infantino.edge_runtime.package import PackageError, open_package
+from infantino.edge_runtime.core.package import PackageError, open_package
 
 from . import store as st
 from .gate import GateResult, run_gate

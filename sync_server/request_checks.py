@@ -12,7 +12,7 @@ import re
 
 from flask import abort, g, request
 
-from infantino.edge_runtime import wire
+from infantino.edge_runtime.core import wire
 
 KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 MAX_METRICS = 32

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from infantino.edge_runtime.head import OnlineHead
+from infantino.edge_runtime.core.head import OnlineHead
 
 from . import store as st
 from .aggregate import Strategy, aggregate_deltas, label_cap, unflatten

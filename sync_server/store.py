@@ -35,7 +35,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
-from infantino.edge_runtime.head import OnlineHead
+from infantino.edge_runtime.core.head import OnlineHead
 
 from .aggregate import flatten
 from .db import bookkeeping as bk

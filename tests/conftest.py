@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from infantino.edge_runtime.datasets import data_root
+from infantino.edge_runtime.core.datasets import data_root
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent

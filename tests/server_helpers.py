@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import numpy as np
 import pytest
 
-from infantino.edge_runtime import wire
+from infantino.edge_runtime.core import wire
 from infantino.sync_server.process import REPO, ServerProcess, cli, free_port, served_store  # noqa: F401 - re-exported for the tests
 from infantino.sync_server.process import scratch_schema_url as pg_schema_url  # noqa: F401
 from infantino.sync_server.process import LocalServer as Server  # noqa: F401

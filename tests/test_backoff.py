@@ -1,9 +1,9 @@
-"""The one backoff schedule (infantino.edge_runtime.backoff): doubling, cap, jitter bounds, validation."""
+"""The one backoff schedule (infantino.edge_runtime.core.backoff): doubling, cap, jitter bounds, validation."""
 import random
 
 import pytest
 
-from infantino.edge_runtime.backoff import Backoff, backoff_delay, backoff_delays, jittered
+from infantino.edge_runtime.core.backoff import Backoff, backoff_delay, backoff_delays, jittered
 
 
 def test_delays_double_up_to_the_cap_and_stay_inside_the_spread():

@@ -10,11 +10,11 @@ from PIL import Image
 
 from conftest import require_data
 from blazeface_reference import reference_module
-from infantino.edge_runtime.blazeface import FULL_RANGE, SHORT_RANGE, BlazeFace, Letterbox, decode, ssd_anchors, to_frame, weighted_nms
-from infantino.edge_runtime.facecrop import FaceSquare, cut, eye_angle, face_square
-from infantino.edge_runtime.facefinder import FaceFinder, detector_file, detector_spec
-from infantino.edge_runtime.imagefolder import list_image_folder
-from infantino.edge_runtime.preprocess import decode_rgb
+from infantino.edge_runtime.core.blazeface import FULL_RANGE, SHORT_RANGE, BlazeFace, Letterbox, decode, ssd_anchors, to_frame, weighted_nms
+from infantino.edge_runtime.core.facecrop import FaceSquare, cut, eye_angle, face_square
+from infantino.edge_runtime.core.facefinder import FaceFinder, detector_file, detector_spec
+from infantino.edge_runtime.core.imagefolder import list_image_folder
+from infantino.edge_runtime.core.preprocess import decode_rgb
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def blazeface_package(tiny_package_dir, detector_dir, tmp_path):
 
 def test_device_finds_faces_with_the_packages_detector(blazeface_package, tmp_path):
     from infantino.edge_runtime.device import Device, DeviceConfig
-    from infantino.edge_runtime.package import open_package
+    from infantino.edge_runtime.core.package import open_package
 
     manifest = open_package(blazeface_package).manifest  # hashes verify, detector.onnx included
     assert manifest.preprocess.face_detector == "blazeface-short_range" and manifest.version.endswith("-bf")
@@ -181,13 +181,13 @@ def test_device_finds_faces_with_the_packages_detector(blazeface_package, tmp_pa
     prep = device.prepare(photos[0])
     finder = FaceFinder.for_package(open_package(blazeface_package))
     face = finder.crop(photos[0])
-    from infantino.edge_runtime.preprocess import resize_face
+    from infantino.edge_runtime.core.preprocess import resize_face
 
     np.testing.assert_array_equal(prep.crop, resize_face(face.pixels, manifest.preprocess))  # one path
 
 
 def test_flip_average_is_the_mean_of_a_face_and_its_mirror(tiny_package_dir):
-    from infantino.edge_runtime.extractor import Extractor
+    from infantino.edge_runtime.core.extractor import Extractor
 
     x = np.random.default_rng(0).normal(size=(3, 1, 64, 64)).astype(np.float32)
     plain = Extractor(tiny_package_dir / "extractor.onnx", threads=1)

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from edge_helpers import face
-from infantino.edge_runtime.datasets import fer_file, infant_folder
-from infantino.edge_runtime.imagefolder import list_image_folder
-from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.core.datasets import fer_file, infant_folder
+from infantino.edge_runtime.core.imagefolder import list_image_folder
+from infantino.edge_runtime.core.preprocess import CLASSES
 from infantino.export.data import load_fer
 from infantino.export.data_import import ImportRefused, import_infantino
 

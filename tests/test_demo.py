@@ -16,8 +16,8 @@ import pytest
 
 from conftest import REPO, require_data
 from edge_helpers import write_image_folder
-from infantino.edge_runtime.preprocess import CLASSES
-from infantino.edge_runtime.datasets import image_folders_record, image_set_record
+from infantino.edge_runtime.core.preprocess import CLASSES
+from infantino.edge_runtime.core.datasets import image_folders_record, image_set_record
 from infantino.fleet_demo.cli import main
 from infantino.fleet_demo.data import plan_split, trained_on_held_out
 from infantino.fleet_demo.fleet import pick

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import REPO
 from edge_helpers import face, open_device
 from infantino.edge_runtime.annotation_queue import AnnotationQueue
-from infantino.edge_runtime.preprocess import DEVICE_MEMORY, ImageError
+from infantino.edge_runtime.core.preprocess import DEVICE_MEMORY, ImageError
 
 
 def _png(img: Image.Image) -> bytes:

@@ -11,7 +11,7 @@ from conftest import REPO
 from edge_helpers import face, png_bytes, tree_digest, write_image_folder
 
 from infantino.edge_runtime.cli import SUBCOMMANDS, main
-from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.core.preprocess import CLASSES
 
 
 @pytest.fixture

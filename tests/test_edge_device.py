@@ -17,10 +17,10 @@ from edge_helpers import face, head_weights, open_device, png_bytes
 
 from infantino.edge_runtime.annotation_queue import AnnotationQueue
 from infantino.edge_runtime.device import Device, InputError, Prediction
-from infantino.edge_runtime.onnx_session import cpu_session
-from infantino.edge_runtime.head import OnlineHead
-from infantino.edge_runtime.package import Manifest, PackageError, read_manifest, write_manifest
-from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.core.onnx_session import cpu_session
+from infantino.edge_runtime.core.head import OnlineHead
+from infantino.edge_runtime.core.package import Manifest, PackageError, read_manifest, write_manifest
+from infantino.edge_runtime.core.preprocess import CLASSES
 
 
 class CountingSession:
@@ -259,9 +259,9 @@ def test_prediction_unpacks_like_the_seed():
 
 def _package_with_replay_seed(tiny_package_dir, folder, per_class=10):
     """The tiny package plus a ``replay_seed`` role: embeddings of correctly labelled source faces."""
-    from infantino.edge_runtime.extractor import Extractor
-    from infantino.edge_runtime.package import describe_files
-    from infantino.edge_runtime.preprocess import faces_tensor
+    from infantino.edge_runtime.core.extractor import Extractor
+    from infantino.edge_runtime.core.package import describe_files
+    from infantino.edge_runtime.core.preprocess import faces_tensor
 
     shutil.copytree(tiny_package_dir, folder)
     labels = np.repeat(np.arange(7), per_class)
@@ -316,8 +316,8 @@ def test_detection_size_can_be_set_per_device(tiny_package_dir, tmp_path):
 
 def test_coarse_to_fine_detection_crops_like_the_single_pass(tiny_package_dir, tmp_path):
     from conftest import require_data
-    from infantino.edge_runtime.imagefolder import list_image_folder
-    from infantino.edge_runtime.facefinder import prepare
+    from infantino.edge_runtime.core.imagefolder import list_image_folder
+    from infantino.edge_runtime.core.facefinder import prepare
 
     noise = np.random.default_rng(0).integers(0, 255, (480, 640), dtype=np.uint8)
     dev = open_device(tiny_package_dir, tmp_path / "s", detect_faces=True)

@@ -8,9 +8,9 @@ from onnx import TensorProto, helper
 
 from infantino.export.tiny_package import EMBED_DIM
 
-from infantino.edge_runtime.extractor import Extractor, ExtractorError
-from infantino.edge_runtime.onnx_session import cpu_session
-from infantino.edge_runtime.preprocess import faces_tensor
+from infantino.edge_runtime.core.extractor import Extractor, ExtractorError
+from infantino.edge_runtime.core.onnx_session import cpu_session
+from infantino.edge_runtime.core.preprocess import faces_tensor
 
 
 def _faces(n: int) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infantino.edge_runtime.head import HeadParams, OnlineHead
+from infantino.edge_runtime.core.head import HeadParams, OnlineHead
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ def _modules_after(code: str) -> set[str]:
 
 def test_importing_edge_runtime_imports_no_training_or_server_framework():
     loaded = _modules_after(
-        "import infantino.edge_runtime, infantino.edge_runtime.device, infantino.edge_runtime.cli, infantino.edge_runtime.evaluate, infantino.edge_runtime.extractor, "
-        "infantino.edge_runtime.state, infantino.edge_runtime.replay, infantino.edge_runtime.uncertainty, infantino.edge_runtime.annotation_queue, infantino.edge_runtime.head"
+        "import infantino.edge_runtime, infantino.edge_runtime.device, infantino.edge_runtime.cli, infantino.edge_runtime.evaluate, infantino.edge_runtime.core.extractor, "
+        "infantino.edge_runtime.state, infantino.edge_runtime.core.replay, infantino.edge_runtime.core.uncertainty, infantino.edge_runtime.annotation_queue, infantino.edge_runtime.core.head"
     )
     assert not loaded & set(HEAVY)
 

@@ -10,7 +10,7 @@ import pytest
 
 from infantino.edge_runtime.config import DeviceConfig
 from infantino.edge_runtime.device import Device
-from infantino.edge_runtime.head import HeadParams, OnlineHead
+from infantino.edge_runtime.core.head import HeadParams, OnlineHead
 from infantino.edge_runtime.learner import GuardedLearner
 from edge_helpers import FAST, face
 
@@ -43,7 +43,7 @@ class NoOrt:
 sys.meta_path.insert(0, NoOrt())
 import numpy as np
 from infantino.edge_runtime.config import DeviceConfig
-from infantino.edge_runtime.head import HeadParams, OnlineHead
+from infantino.edge_runtime.core.head import HeadParams, OnlineHead
 from infantino.edge_runtime.learner import GuardedLearner
 
 rng = np.random.default_rng(0)

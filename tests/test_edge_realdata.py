@@ -14,9 +14,9 @@ import pytest
 from conftest import REPO, require_data
 
 from infantino.edge_runtime.cli import main
-from infantino.edge_runtime.imagefolder import list_image_folder, split_items, write_split
-from infantino.edge_runtime.preprocess import CLASSES
-from infantino.edge_runtime.splits import stratified_split
+from infantino.edge_runtime.core.imagefolder import list_image_folder, split_items, write_split
+from infantino.edge_runtime.core.preprocess import CLASSES
+from infantino.edge_runtime.core.splits import stratified_split
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,8 @@ def test_streaming_infant_labels_gains_on_infants_and_keeps_adult_faces(tmp_path
 
     # A replay seed of FER training faces, for packages that do not carry one yet.
     from infantino.edge_runtime.device import Device, DeviceConfig
-    from infantino.edge_runtime.preprocess import faces_tensor
-    from infantino.edge_runtime.replay import balanced_indices
+    from infantino.edge_runtime.core.preprocess import faces_tensor
+    from infantino.edge_runtime.core.replay import balanced_indices
 
     device = Device(models, tmp_path / "scratch", DeviceConfig(threads=2))
     idx = keep[balanced_indices(labels[keep], 64, np.random.default_rng(0))]

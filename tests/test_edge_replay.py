@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infantino.edge_runtime.replay import HoldoutSet, ReplayBuffer, balanced_indices
+from infantino.edge_runtime.core.replay import HoldoutSet, ReplayBuffer, balanced_indices
 
 
 def _fill(buf: ReplayBuffer, labels, seed=0) -> None:

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 
-from infantino.edge_runtime.atomic import atomic_write_bytes
+from infantino.edge_runtime.core.atomic import atomic_write_bytes
 from infantino.edge_runtime.samples import LEGACY_NAME, LOG_NAME, SampleKeeper
 
 RECORD = 8 + 9 + 16 * 16  # frame + record head + one 16x16 crop

@@ -23,7 +23,7 @@ from PIL import Image
 
 from conftest import REPO, TESTS
 from edge_helpers import face, open_device
-from infantino.edge_runtime import wire
+from infantino.edge_runtime.core import wire
 from infantino.edge_runtime.device import Device, DeviceConfig
 from infantino.edge_runtime.state import StateConflict
 from infantino.edge_runtime.sync.state import SyncState
@@ -233,7 +233,7 @@ def test_unsaved_changes_are_never_written_over_another_process_s_save(tiny_pack
 
 
 def test_a_device_on_an_older_package_refuses_after_another_process_moved_the_folder(tiny_package_dir, tmp_path):
-    from infantino.edge_runtime.package import Manifest, read_manifest, write_manifest
+    from infantino.edge_runtime.core.package import Manifest, read_manifest, write_manifest
 
     state = tmp_path / "state"
     old = open_device(tiny_package_dir, state)

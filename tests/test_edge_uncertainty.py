@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from infantino.edge_runtime.uncertainty import Uncertainty, entropy, margin, score
+from infantino.edge_runtime.core.uncertainty import Uncertainty, entropy, margin, score
 
 
 def test_one_hot_is_certain_and_uniform_is_maximally_uncertain():

@@ -12,16 +12,16 @@ from conftest import REPO, require_data
 
 torch = pytest.importorskip("torch")
 
-from infantino.edge_runtime.package import PackageError, open_package  # noqa: E402
+from infantino.edge_runtime.core.package import PackageError, open_package  # noqa: E402
 from infantino.export.cli import main as export_main  # noqa: E402
-from infantino.edge_runtime.splits import stratified_split  # noqa: E402
+from infantino.edge_runtime.core.splits import stratified_split  # noqa: E402
 from infantino.export.model import ModelConfig, build_model, load_lite0_imagenet  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     from edge_helpers import write_image_folder
-    from infantino.edge_runtime.preprocess import CLASSES
+    from infantino.edge_runtime.core.preprocess import CLASSES
 
     fer = require_data("fer2013", "fer2013_train.npz")
     out = tmp_path_factory.mktemp("run")
@@ -68,7 +68,7 @@ def test_export_writes_a_verified_package(tiny_run, tmp_path):
     # The classifier graph agrees with extractor + head run separately.
     import onnxruntime as ort
 
-    from infantino.edge_runtime.head import OnlineHead
+    from infantino.edge_runtime.core.head import OnlineHead
 
     x = np.random.default_rng(0).normal(size=(8, 1, 64, 64)).astype(np.float32)
     ext_role = "extractor_int8" if metrics["classifier_extractor"] == "int8" else "extractor"
@@ -86,7 +86,7 @@ def test_export_writes_a_verified_package(tiny_run, tmp_path):
 
 def test_export_with_adabn_moves_only_batch_norm_statistics(tiny_run, tmp_path):
     from edge_helpers import write_image_folder
-    from infantino.edge_runtime.preprocess import CLASSES
+    from infantino.edge_runtime.core.preprocess import CLASSES
 
     fer = require_data("fer2013", "fer2013_train.npz")
     target = write_image_folder(tmp_path / "target", per_class=3, seed=4, classes=CLASSES)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO, require_data
-from infantino.edge_runtime.head import OnlineHead
-from infantino.edge_runtime.package import open_package
+from infantino.edge_runtime.core.head import OnlineHead
+from infantino.edge_runtime.core.package import open_package
 from infantino.export.from_onnx import freeze_batchnorm, net_from_onnx
 
 PACKAGE = REPO / "data" / "models-fer-only"
@@ -33,8 +33,8 @@ def test_network_rebuilt_from_onnx_computes_the_exported_embedding():
 
 
 def test_requantize_keeps_int8_within_a_point_of_fp32(tmp_path):
-    from infantino.edge_runtime.preprocess import normalize, resize_face
-    from infantino.edge_runtime.splits import stratified_split
+    from infantino.edge_runtime.core.preprocess import normalize, resize_face
+    from infantino.edge_runtime.core.splits import stratified_split
     from infantino.export.requantize import requantize
 
     fer = require_data("fer2013", "fer2013_train.npz")
@@ -58,7 +58,7 @@ def test_requantize_keeps_int8_within_a_point_of_fp32(tmp_path):
 
 def test_int8_extractor_does_not_flip_on_one_rounding_step_of_the_input():
     """x/255 against x*(1/255): the float stem keeps pixel levels off the input grid's rounding ties."""
-    from infantino.edge_runtime.preprocess import normalize, resize_face
+    from infantino.edge_runtime.core.preprocess import normalize, resize_face
 
     with np.load(require_data("fer2013", "fer2013_train.npz")) as d:
         images = d["images"][:1000]

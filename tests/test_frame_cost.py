@@ -11,9 +11,9 @@ import pytest
 
 from edge_helpers import face, open_device
 from infantino.edge_runtime import state as state_mod
-from infantino.edge_runtime.onnx_session import cpu_session
-from infantino.edge_runtime.facecrop import FaceSquare, cut, pixels_read
-from infantino.edge_runtime.package import open_package
+from infantino.edge_runtime.core.onnx_session import cpu_session
+from infantino.edge_runtime.core.facecrop import FaceSquare, cut, pixels_read
+from infantino.edge_runtime.core.package import open_package
 from infantino.edge_runtime.prediction import frame_key
 from infantino.edge_runtime.state import StateStore
 

@@ -14,9 +14,9 @@ from PIL import Image
 
 from conftest import REPO
 from edge_helpers import face
-from infantino.edge_runtime.datasets import DataMissing, fer_file, image_folders_record, image_set_record
-from infantino.edge_runtime.package import open_package
-from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.core.datasets import DataMissing, fer_file, image_folders_record, image_set_record
+from infantino.edge_runtime.core.package import open_package
+from infantino.edge_runtime.core.preprocess import CLASSES
 from infantino.edge_runtime.sync.transport import Http, SyncError
 from server_helpers import ServerProcess, cli
 

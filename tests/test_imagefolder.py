@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infantino.edge_runtime.imagefolder import list_image_folder, split_image_folder, split_items
-from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.core.imagefolder import list_image_folder, split_image_folder, split_items
+from infantino.edge_runtime.core.preprocess import CLASSES
 
 
 def _tree(root, per_class=8):

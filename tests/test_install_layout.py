@@ -30,7 +30,7 @@ def test_a_fresh_install_provides_no_top_level_export(built_wheel, tmp_path):
     # installed wheel first, then site-packages for numpy (read as a plain folder)
     probe = ("import importlib.util, sys\n"
              f"sys.path[:0] = [{str(target)!r}]; sys.path.append({sysconfig.get_paths()['purelib']!r})\n"
-             "import infantino.edge_runtime.wire as w\n"
+             "import infantino.edge_runtime.core.wire as w\n"
              "print(w.__file__.startswith(sys.path[0]), [m for m in ('export', 'edge_runtime', 'sync_server', 'fleet_demo')"
              " if importlib.util.find_spec(m) is not None])")
     r = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)

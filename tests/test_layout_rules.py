@@ -1,7 +1,7 @@
 """Rules of the code's layout that a review found broken once (issue 21), checked on the source.
 
 * the server reaches its database through ``Store`` (and the ``Unit`` it hands out) only;
-* ONNX Runtime sessions are opened in one place, ``edge_runtime/onnx_session.py``;
+* ONNX Runtime sessions are opened in one place, ``edge_runtime/core/onnx_session.py``;
 * a class name means one thing: no two classes of ours share a name like ``Timeline`` did.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_the_learner_imports_numpy_and_nothing_that_reads_images_models_or_the_n
 
     code = ("import sys, infantino.edge_runtime.learner\n"
             "heavy = ('PIL', 'cv2', 'onnxruntime', 'sklearn', 'torch', 'urllib.request', 'http.client',\n"
-            "         'infantino.edge_runtime.sync', 'infantino.edge_runtime.preprocess', 'infantino.edge_runtime.device')\n"
+            "         'infantino.edge_runtime.sync', 'infantino.edge_runtime.core.preprocess', 'infantino.edge_runtime.device')\n"
             "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0, out.stderr
@@ -84,7 +84,7 @@ def test_the_learner_imports_numpy_and_nothing_that_reads_images_models_or_the_n
 # core <- device <- sync / watch / annotate / cli; server, export and demo above the edge runtime.
 # The core is everybody's library (the server, the exporter and the demo import it too); it may
 # import nothing of the device above it, not even inside a function.
-CORE = {f"edge_runtime.{m}" for m in (
+CORE = {"edge_runtime.core"} | {f"edge_runtime.core.{m}" for m in (
     "classes", "preprocess", "haar", "blazeface", "facecrop", "facefinder", "onnx_session", "extractor", "head",
     "head_sklearn", "mlp", "wire", "package", "atomic", "backoff", "clitools", "safe_npz", "personal", "metrics",
     "splits", "imagefolder", "replay", "uncertainty", "datasets", "release")}

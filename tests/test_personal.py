@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infantino.edge_runtime import camera, personal
+from infantino.edge_runtime import camera
+from infantino.edge_runtime.core import personal
 from infantino.edge_runtime.config import DeviceConfig
-from infantino.edge_runtime.head import HeadParams, OnlineHead
+from infantino.edge_runtime.core.head import HeadParams, OnlineHead
 from infantino.edge_runtime.learner import GuardedLearner
 
 K, DIM = 4, 6
@@ -154,7 +155,7 @@ def test_a_device_keeps_its_cameras_part_across_a_restart_and_a_new_package(tiny
     the state snapshot keeps it, and a new package version takes the counts and the mix along."""
     import shutil
 
-    from infantino.edge_runtime.package import Manifest, read_manifest, write_manifest
+    from infantino.edge_runtime.core.package import Manifest, read_manifest, write_manifest
     from infantino.export.tiny_package import synthetic_face
     from edge_helpers import open_device
 

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from conftest import require_data
-from infantino.edge_runtime import preprocess as pp
-from infantino.edge_runtime.facefinder import prepare
-from infantino.edge_runtime.preprocess import DEFAULT_SPEC, ImageError, crop_face, decode_gray, normalize, resize_face
+from infantino.edge_runtime.core import preprocess as pp
+from infantino.edge_runtime.core.facefinder import prepare
+from infantino.edge_runtime.core.preprocess import DEFAULT_SPEC, ImageError, crop_face, decode_gray, normalize, resize_face
 
 
 def _gradient(w: int = 80, h: int = 60) -> np.ndarray:
@@ -198,7 +198,7 @@ def test_the_pixel_limit_follows_the_memory_budget():
 
 RSS_PROBE = """
 import sys
-from infantino.edge_runtime import preprocess
+from infantino.edge_runtime.core import preprocess
 
 def peak_kb():  # VmHWM: this process's own peak (ru_maxrss would carry the forking parent's over exec)
     return int([l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1])

@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.core.preprocess import CLASSES
 from infantino.edge_runtime.sync.client import sync_device
 from infantino.edge_runtime.sync.transport import Http
 from edge_helpers import write_image_folder

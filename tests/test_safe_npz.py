@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import hostile_bodies as hb
-from infantino.edge_runtime import safe_npz
+from infantino.edge_runtime.core import safe_npz
 
 
 def test_what_numpy_writes_reads_back_unchanged_stored_or_deflated():

@@ -10,8 +10,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from infantino.edge_runtime import wire
-from infantino.edge_runtime.head import OnlineHead
+from infantino.edge_runtime.core import wire
+from infantino.edge_runtime.core.head import OnlineHead
 from server_helpers import make_update
 from infantino.sync_server.aggregate import Strategy
 from infantino.sync_server.models import promote_package

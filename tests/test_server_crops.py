@@ -8,9 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from infantino.edge_runtime import wire
+from infantino.edge_runtime.core import wire
 from infantino.edge_runtime.consent import CROPS_FORMAT, OUTBOX_NAME
-from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.core.preprocess import CLASSES
 from infantino.edge_runtime.sync.client import DeviceLearner, Syncer
 from infantino.edge_runtime.sync.transport import Http
 from infantino.export.data import load_image_folder

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from sqlalchemy import insert
 
-from infantino.edge_runtime import wire
+from infantino.edge_runtime.core import wire
 from server_helpers import REPO, Server, cli, make_update
 from infantino.sync_server import store as st
 from infantino.sync_server.crops import export_folder
@@ -42,7 +42,7 @@ def auth(token: str) -> dict:
 
 def served(client, token):
     info = client.get("/v1/model", headers=auth(token)).json
-    from infantino.edge_runtime.head import OnlineHead
+    from infantino.edge_runtime.core.head import OnlineHead
 
     return info, OnlineHead.from_bytes(client.get(info["files"]["global_head"]["url"], headers=auth(token)).data)
 
@@ -197,7 +197,7 @@ def test_crops_export_never_writes_outside_its_folder(app, tmp_path):
 
 
 def test_a_package_listing_a_path_outside_itself_is_refused(app, tmp_path, tiny_package_dir):
-    from infantino.edge_runtime.package import read_manifest, sha256_file, write_manifest
+    from infantino.edge_runtime.core.package import read_manifest, sha256_file, write_manifest
 
     pkg = tmp_path / "pkg"
     shutil.copytree(tiny_package_dir, pkg)

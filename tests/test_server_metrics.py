@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from infantino.edge_runtime import wire
+from infantino.edge_runtime.core import wire
 from server_helpers import Server
 from infantino.sync_server.store import sqlite_url
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infantino.edge_runtime import wire
-from infantino.edge_runtime.extractor import Extractor
-from infantino.edge_runtime.head import OnlineHead
-from infantino.edge_runtime.preprocess import CLASSES, faces_tensor
+from infantino.edge_runtime.core import wire
+from infantino.edge_runtime.core.extractor import Extractor
+from infantino.edge_runtime.core.head import OnlineHead
+from infantino.edge_runtime.core.preprocess import CLASSES, faces_tensor
 from edge_helpers import write_image_folder
 from infantino.sync_server import create_app
 from infantino.sync_server.models import promote_package

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from infantino.edge_runtime.head import OnlineHead
+from infantino.edge_runtime.core.head import OnlineHead
 from infantino.edge_runtime.sync.transport import Http
 from server_helpers import BACKENDS, ServerProcess, cli, make_update, served_store, store_url_for
 from infantino.sync_server import store as st

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from infantino.edge_runtime import wire
+from infantino.edge_runtime.core import wire
 from server_helpers import Server
 
 SLOW_HEADERS = 60

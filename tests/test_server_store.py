@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from infantino.edge_runtime.head import OnlineHead
+from infantino.edge_runtime.core.head import OnlineHead
 from server_helpers import BACKENDS, REPO, served_store, store_url_for
 from infantino.sync_server import store as st
 from infantino.sync_server.aggregate import Strategy
@@ -213,8 +213,8 @@ def test_promoting_a_new_package_supersedes_old_updates(served, tmp_path, tiny_p
 
 
 def test_a_head_not_made_for_the_extractor_is_refused(served, tmp_path, tiny_package_dir):
-    from infantino.edge_runtime.head import HeadParams
-    from infantino.edge_runtime.package import describe_files, read_manifest, write_manifest
+    from infantino.edge_runtime.core.head import HeadParams
+    from infantino.edge_runtime.core.package import describe_files, read_manifest, write_manifest
 
     store, data_dir, _ = served
     pkg = tmp_path / "mismatch"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from infantino.edge_runtime.device import Device
-from infantino.edge_runtime.package import open_package
+from infantino.edge_runtime.core.package import open_package
 from infantino.edge_runtime.sync.client import DeviceLearner, sync_device
 from infantino.edge_runtime.sync.merge import MergePolicy, adopt_and_replay
 from infantino.edge_runtime.sync.state import SyncState, managed_model_dir
@@ -153,8 +153,8 @@ def test_a_new_extractor_is_installed_and_kept_samples_are_reembedded(tmp_path, 
         assert report.package_changed and report.package_version == "tiny-2" and report.replayed == 21
         assert device.package.version == "tiny-2" and open_package(managed_model_dir(device.state_dir)).version == "tiny-2"
         # the replay buffer now holds the kept crops embedded by the *new* extractor
-        from infantino.edge_runtime.extractor import Extractor
-        from infantino.edge_runtime.preprocess import faces_tensor
+        from infantino.edge_runtime.core.extractor import Extractor
+        from infantino.edge_runtime.core.preprocess import faces_tensor
 
         crops, kept = dev.device.kept_samples()
         expected = Extractor(new_pkg / "extractor.onnx")(faces_tensor(crops))
@@ -165,7 +165,7 @@ def test_a_new_extractor_is_installed_and_kept_samples_are_reembedded(tmp_path, 
         # and the previous package stays for rollback
         assert SyncState(device.state_dir).package_dir("previous") is not None
         # local learning survived: the adopted head knows this nursery's faces (at least as well as the new bootstrap head)
-        from infantino.edge_runtime.head import OnlineHead
+        from infantino.edge_runtime.core.head import OnlineHead
 
         bootstrap = OnlineHead.load(new_pkg / "head.npz")
         before = (bootstrap.predict_proba(x).argmax(1) == y).mean()
@@ -221,9 +221,9 @@ def test_a_device_offline_for_days_syncs_cleanly(tmp_path, tiny_package_dir):
 
 
 def test_merge_policy_keeps_the_global_head_and_fits_local_samples(tiny_package_dir):
-    from infantino.edge_runtime.head import OnlineHead
-    from infantino.edge_runtime.preprocess import faces_tensor
-    from infantino.edge_runtime.extractor import Extractor
+    from infantino.edge_runtime.core.head import OnlineHead
+    from infantino.edge_runtime.core.preprocess import faces_tensor
+    from infantino.edge_runtime.core.extractor import Extractor
 
     global_head = OnlineHead.load(tiny_package_dir / "head.npz")
     rng = np.random.default_rng(11)

@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from infantino.edge_runtime import wire
+from infantino.edge_runtime.core import wire
 
 
 def test_round_trip_keeps_dtype_shape_values_and_writability():

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 
 from edge_helpers import open_device
-from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.core.preprocess import CLASSES
 from infantino.edge_runtime.watch.loop import Watch, WatchSettings
 from infantino.edge_runtime.watch.sources import open_source, parse_source
 from infantino.edge_runtime.watch.timeline import Timeline
@@ -49,7 +49,7 @@ def test_a_package_with_other_classes_mid_watch_names_frames_by_the_package_that
         # Execute: what the sync worker does when the server serves another package
         device.switch_package(other)
         switched_at = watch.board.frames
-        wait_for(lambda: watch.swaps == 1 and watch.board.frames >= switched_at + 20, 60, "frames on the new package")
+        wait_for(lambda: watch.swaps == 1 and watch.board.frames >= switched_at + 40, 60, "frames on the new package")
     finally:
         watch.stop.set()
         thread.join(60)

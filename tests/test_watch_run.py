@@ -13,8 +13,8 @@ import pytest
 
 from infantino.edge_runtime.cli import main
 from infantino.edge_runtime.device import Device, DeviceConfig
-from infantino.edge_runtime.metrics import VALENCE_OF_CLASS
-from infantino.edge_runtime.uncertainty import DEFAULT_THRESHOLD
+from infantino.edge_runtime.core.metrics import VALENCE_OF_CLASS
+from infantino.edge_runtime.core.uncertainty import DEFAULT_THRESHOLD
 from watch_helpers import (frame_lines, read_frames, real_photos, records, start_watch, stop, synthetic_frames, wait_for,
                            write_video)
 

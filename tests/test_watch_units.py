@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from infantino.edge_runtime.backoff import Backoff, jittered
+from infantino.edge_runtime.core.backoff import Backoff, jittered
 from infantino.edge_runtime.watch.distress import END, START, DistressMonitor, DistressSettings
 from infantino.edge_runtime.watch.events import AlertHook, EventLog
 from infantino.edge_runtime.watch.jsonl import AppendLog, read_records
@@ -21,7 +21,7 @@ from infantino.edge_runtime.watch.slot import LatestSlot
 from infantino.edge_runtime.watch.sources import SourceError, parse_source, redact
 from infantino.edge_runtime.watch.summary import valence_of
 from infantino.edge_runtime.watch.timeline import Timeline, day_of
-from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.core.preprocess import CLASSES
 
 DAY = 86400.0
 NOON = time.mktime((2026, 3, 10, 12, 0, 0, 0, 0, -1))  # a local noon, far from midnight and DST changes

@@ -24,7 +24,7 @@ from PIL import Image
 
 from conftest import REPO, source_files
 from edge_helpers import face
-from infantino.edge_runtime.preprocess import CLASSES
+from infantino.edge_runtime.core.preprocess import CLASSES
 from infantino.sync_server.process import free_port
 
 FOLDERS = ("edge_runtime", "export", "sync_server", "fleet_demo")

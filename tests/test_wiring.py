@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from infantino.edge_runtime.device import Device
-from infantino.edge_runtime.head import OnlineHead
+from infantino.edge_runtime.core.head import OnlineHead
 from infantino.edge_runtime.sync.client import sync_device
 from infantino.export.tiny_package import synthetic_face
 from server_helpers import CONFIG, Server

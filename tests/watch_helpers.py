@@ -35,7 +35,7 @@ def write_video(path: Path, frames: Iterable[np.ndarray], fps: float, size: tupl
 
 def real_photos(n: int, seed: int = 0) -> list[np.ndarray]:
     """``n`` infant photos (RGB), a seeded pick from ../shared/data/infant; read only, never copied in."""
-    from infantino.edge_runtime.preprocess import decode_rgb
+    from infantino.edge_runtime.core.preprocess import decode_rgb
 
     root = require_data("infant")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..atomic import atomic_write_text
+from ..core.atomic import atomic_write_text
 
 DEFAULT_MAX_ENTRIES = 1000
 

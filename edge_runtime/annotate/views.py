@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, abort, current_app, jsonify, render_template, request, send_file, session
 
 from ..annotation_queue import QueueError
-from ..preprocess import ImageError
+from ..core.preprocess import ImageError
 from ..state import StateConflict, StateError
 from ..state_lock import StateLockTimeout
 from ..sync.state import managed_model_dir

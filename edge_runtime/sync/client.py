@@ -32,9 +32,9 @@ from typing import Optional, Protocol
 
 import numpy as np
 
-from .. import wire
+from ..core import wire
 from ..consent import CROPS_FORMAT, CropOutbox, batch_key
-from ..head import OnlineHead
+from ..core.head import OnlineHead
 from .fetch import fetch_head, fetch_package
 from .merge import MergePolicy, adopt_and_replay
 from .state import RefPoint, SyncState

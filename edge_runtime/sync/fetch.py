@@ -7,8 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..head import OnlineHead
-from ..package import MANIFEST, PackageError, open_package
+from ..core.head import OnlineHead
+from ..core.package import MANIFEST, PackageError, open_package
 from .state import safe_dir_name
 from .transport import Http, SyncError
 

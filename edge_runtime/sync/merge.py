@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..head import OnlineHead
+from ..core.head import OnlineHead
 
 
 @dataclasses.dataclass(frozen=True)

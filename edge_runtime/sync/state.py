@@ -23,8 +23,8 @@ from typing import Optional
 
 import numpy as np
 
-from .. import safe_npz
-from ..atomic import atomic_write_bytes, atomic_write_text
+from ..core import safe_npz
+from ..core.atomic import atomic_write_bytes, atomic_write_text
 from ..paths import managed_model_dir  # noqa: F401  (sync.state.managed_model_dir, as its callers know it)
 from .transport import SyncError
 

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..backoff import backoff_delay
+from ..core.backoff import backoff_delay
 
 USER_AGENT = "infantino-edge-sync/1"
 

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..clitools import FAILURE_EXIT
+from ..core.clitools import FAILURE_EXIT
 from .distress import DistressSettings
 from ..queue_policy import QueueSettings
 

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import IO, Any, Iterator, Optional
 
-from ..preprocess import ImageError
+from ..core.preprocess import ImageError
 from ..queue_policy import QUEUE, QueuePolicy, QueueSettings
 from ..state import StateConflict, StateError
 from ..state_lock import StateLockTimeout

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..backoff import Backoff
+from ..core.backoff import Backoff
 from .sampler import Sampler
 from .slot import LatestSlot
 from .sources import FrameSource, SourceError

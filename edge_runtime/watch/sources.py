@@ -198,7 +198,7 @@ class FolderSource:
         return self._index / self.fps
 
     def retrieve(self) -> Optional[np.ndarray]:
-        from ..preprocess import ImageError, decode_rgb
+        from ..core.preprocess import ImageError, decode_rgb
 
         path = self.files[self._index]
         try:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..atomic import atomic_write_text
+from ..core.atomic import atomic_write_text
 from ..camera import describe
 
 STATUS_FILE = "status.json"

@@ -1,7 +1,7 @@
 """Per-minute summaries of the timeline: what a caregiver (or a chart) wants from 120 frames.
 
 Shares are over the frames in which a face was found (a frame with no face says nothing
-about the expression); valence follows ``infantino.edge_runtime.metrics`` (happy positive; angry,
+about the expression); valence follows ``infantino.edge_runtime.core.metrics`` (happy positive; angry,
 disgust, fear, sad negative; surprise and neutral neutral), mapped by class name so a
 package with its classes in another order is still summarised right.
 """
@@ -11,8 +11,8 @@ import time
 from functools import lru_cache
 from typing import Optional, Sequence
 
-from ..metrics import VALENCE_NAMES, VALENCE_OF_CLASS
-from ..preprocess import CLASSES
+from ..core.metrics import VALENCE_NAMES, VALENCE_OF_CLASS
+from ..core.preprocess import CLASSES
 
 NEUTRAL = VALENCE_NAMES.index("neutral")
 NEGATIVE = VALENCE_NAMES.index("negative")

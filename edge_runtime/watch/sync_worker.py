@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from ..backoff import Backoff, jittered
+from ..core.backoff import Backoff, jittered
 from ..sync.client import sync_device
 from ..sync.transport import AuthError, Http, SyncError
 

@@ -31,7 +31,7 @@ class HeadRecord:
     layers: tuple  # tuple of float32 arrays (coef_0.., intercept_0..), read-only
     flat: np.ndarray  # float32 vector, read-only
     classes: tuple  # class names, the column order of predict_proba
-    params: object  # the head's HeadParams (infantino.edge_runtime.head)
+    params: object  # the head's HeadParams (infantino.edge_runtime.core.head)
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:

@@ -16,7 +16,7 @@ from typing import Optional
 from urllib.parse import unquote, urlparse
 
 DISTRIBUTION = "infantino-edge"
-BUNDLE = Path(__file__).resolve().parent / "release_model"  # setup.py RELEASE_PACKAGE
+BUNDLE = Path(__file__).resolve().parents[1] / "release_model"  # setup.py RELEASE_PACKAGE
 CHECKOUT_RELEASE = ("data", "models")  # setup.py RELEASE_DIR
 
 

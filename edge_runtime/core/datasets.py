@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 ENV = "INFANTINO_DATA"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # edge_runtime/core/datasets.py -> the repository
 FER = ("fer2013", "fer2013_train.npz")
 INFANT = ("infant",)
 
