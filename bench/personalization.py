@@ -54,7 +54,7 @@ from infantino.edge_runtime.core import personal  # noqa: E402
 from infantino.edge_runtime.core.preprocess import ImageError, decode_rgb, faces_tensor, resize_face, rgb_to_gray  # noqa: E402
 from infantino.edge_runtime.core.splits import grouped_stratified_folds  # noqa: E402
 from infantino.edge_runtime.core.uncertainty import score as uncertainty_score  # noqa: E402
-from infantino.fleet_demo.cameras import PROFILES, render  # noqa: E402
+from infantino.fleet_demo.cameras import PROFILES, class_mix, draw, render  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ALPHAS = ("0.3", "1", "uniform")
@@ -112,15 +112,12 @@ def fold_package(args, k: int, photos: cv.Photos, folds: np.ndarray, work: Path)
 
 # ------------------------------------------------------------------ cameras
 def camera_draw(labels: np.ndarray, pool: np.ndarray, mix: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` photo indices from ``pool`` whose classes follow ``mix`` (classes absent from the pool are skipped)."""
-    by_class = [pool[labels[pool] == c] for c in range(len(mix))]
-    m = np.array([mix[c] if len(by_class[c]) else 0.0 for c in range(len(mix))])
-    cls = rng.choice(len(mix), size=n, p=m / m.sum())
-    return np.array([rng.choice(by_class[c]) for c in cls])
+    """``n`` photo indices from ``pool`` whose classes follow ``mix`` (the demo's ``cameras.draw``)."""
+    return np.array([i for i, _ in draw([(int(i), int(labels[i])) for i in pool], mix, n, rng)])
 
 
 def camera_mix(alpha: str, k: int, rng: np.random.Generator) -> np.ndarray:
-    return np.full(k, 1.0 / k) if alpha == "uniform" else rng.dirichlet(np.full(k, float(alpha)))
+    return class_mix(0.0 if alpha == "uniform" else float(alpha), k, rng)
 
 
 def pick_labels(frame_probs: np.ndarray, frame_ids: np.ndarray, n: int, strategy: str, rng: np.random.Generator) -> np.ndarray:

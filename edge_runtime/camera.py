@@ -87,7 +87,7 @@ def describe(summary: dict) -> str:
 
 def guard_due(n_labels: int) -> bool:
     """When the guard's cross-validation runs again: often while labels are few (each one moves the
-    verdict), then every 10th label; in between the chosen level is only refitted (~0.5 ms)."""
+    verdict), then every 10th label; in between only the prior is refitted (~0.1 ms)."""
     return n_labels >= 1 and (n_labels <= 12 or n_labels in (15, 20, 25, 30, 40, 50) or n_labels % 10 == 0)
 
 
@@ -96,8 +96,8 @@ class CameraModel:
     the device applies on top of the fleet's head. Numpy only; saved with the device state.
 
         cam = CameraModel(n_classes=7, dim=64)
-        cam.observe(embedding, head)                  # every predicted frame with a face
-        cam.labelled(embedding, y, head, kept_x, kept_y)  # every caregiver label
+        cam.observe(embedding, head.predict_proba(embedding[None])[0])  # every predicted frame with a face
+        cam.labelled(embedding, y, head, learner.kept)  # every caregiver label (kept: the labelled embeddings)
         probs = cam.apply(head.predict_proba(x), x)
     """
 
@@ -116,25 +116,31 @@ class CameraModel:
     def n_labels(self) -> int:
         return int(self.counts.sum())
 
-    def observe(self, x: np.ndarray, head) -> None:
-        """A frame the camera saw: into the pool; every ``refresh_every`` frames the prior is re-estimated."""
-        self.pool.add(x, head.predict_proba(np.asarray(x, np.float32).reshape(1, -1))[0])
+    def observe(self, x: np.ndarray, probs: np.ndarray) -> None:
+        """A frame the camera saw and the head's probabilities for it (the ones predict computed): into
+        the pool; every ``refresh_every`` frames the prior is re-estimated from the stored probabilities."""
+        self.pool.add(x, probs)
         self._since += 1
         if self._since >= self.refresh_every:
-            self.refresh(head)
+            self._refit_prior()
 
-
-    def refresh(self, head, kept: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """Refit the chosen level: on ``kept`` labelled embeddings as well (a new head or extractor), or
-        only the prior, warm-started, from the frames and label counts (between two guard runs: ~0.1 ms)."""
+    def _refit_prior(self) -> None:
+        """Only the prior, warm-started from the stored frame probabilities and the label counts (~0.1 ms):
+        what a frame or a label between two guard runs changes."""
         self._since = 0
         a = self.adaptation
-        if a.level == "shared" or a.level == "personal" and kept is None:
-            return  # no labels yet, or the guard said no (frames alone do not overrule it); a personal head needs labels
-        if kept is None:
-            prior = em_prior(self.pool.probs(), self.recent, self.ref, self.settings.pseudo_count, self.settings.em_iterations,
-                             tol=1e-4, start=a.prior, frame_weight=a.frame_weight)
-            self.adaptation = Adaptation(prior, a.bias, a.level, a.residual, a.frame_weight)
+        if a.level in ("shared", "personal"):
+            return  # no labels yet, or the guard said no (frames alone do not overrule it); a personal head has no prior
+        prior = em_prior(self.pool.probs(), self.recent, self.ref, self.settings.pseudo_count, self.settings.em_iterations,
+                         tol=1e-4, start=a.prior, frame_weight=a.frame_weight)
+        self.adaptation = Adaptation(prior, a.bias, a.level, a.residual, a.frame_weight)
+
+    def refresh(self, head, kept: tuple[np.ndarray, np.ndarray]) -> None:
+        """Refit the chosen level on ``head`` (a new fleet head, or a new extractor's re-embedded labels)
+        and the ``kept`` labelled embeddings."""
+        self._since = 0
+        a = self.adaptation
+        if a.level == "shared":
             return
         kx, ky = kept
         frames = self.pool.reprobe(head)
@@ -151,7 +157,7 @@ class CameraModel:
             self.recent *= np.exp(-1.0 / self.settings.count_horizon)
         self.recent[int(y)] += 1.0
         if not guard_due(self.n_labels):
-            self.refresh(head)
+            self._refit_prior()
             return
         kx, ky = kept()
         frames = self.pool.reprobe(head)

@@ -167,10 +167,8 @@ class Device(StateOwner):
             self.refresh()  # predict with the head another process (sync, the page) may have saved since
             with self._lock:
                 if epoch == self._epoch:  # else the package was switched meanwhile: embed again with the new one
-                    probs = self.learner.predict_proba(emb)  # the shared head with this camera's own adaptation
-                    for prep, e in zip(preps, emb):
-                        if prep.face_found:
-                            self.learner.observe(e)  # evidence of this camera's class mix
+                    # the shared head with this camera's own part; frames with a face are evidence of its class mix
+                    probs = self.learner.predict_proba(emb, seen=np.array([p.face_found for p in preps], bool))
                     return [self._answer(*args, enqueue) for args in zip(images, keys, preps, emb, probs)]
 
     def _answer(self, image: ImageSource, key: str, prep: Prepared, e: np.ndarray, p: np.ndarray, enqueue: bool) -> Prediction:

@@ -82,18 +82,24 @@ class GuardedLearner:
         default), or this device's locally updated copy ("learned", the behaviour before issue 19)."""
         return self.head if self.config.personal_on == "learned" else self.shared_head
 
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """The camera's probabilities for embeddings ``x`` (N, dim): shared head, then the camera's own part."""
+    def predict_proba(self, x: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
+        """The camera's probabilities for embeddings ``x`` (N, dim): shared head, then the camera's own part.
+        Rows flagged in ``seen`` (frames the camera saw with a face) also go to its frame pool, with the
+        shared head's probabilities computed here once: evidence of its class mix."""
         x = np.asarray(x, np.float32).reshape(-1, self.dim)
         if not self.config.personalize:
             return self.head.predict_proba(x)
-        head = self.predicting_head
-        return self.camera.apply(head.predict_proba(x), x)
+        shared = self.predicting_head.predict_proba(x)
+        out = self.camera.apply(shared, x)  # answered with the adaptation as it stood before these frames
+        for i in np.flatnonzero(seen) if seen is not None else ():
+            self.camera.observe(x[i], shared[i])
+        return out
 
     def observe(self, x: np.ndarray) -> None:
-        """A frame the camera saw (a face was found): evidence for its class mix."""
+        """A frame the camera saw (a face was found), without a prediction wanted."""
         if self.config.personalize:
-            self.camera.observe(np.asarray(x, np.float32), self.predicting_head)
+            x = np.asarray(x, np.float32).reshape(1, self.dim)
+            self.camera.observe(x[0], self.predicting_head.predict_proba(x)[0])
 
     def _personal_label(self, x: np.ndarray, y: int) -> None:
         if self.config.personalize:

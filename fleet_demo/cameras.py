@@ -103,6 +103,11 @@ class Camera:
     test: list[tuple[Path, int]]
 
 
+def class_mix(alpha: float, n_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """One baby's class mix: Dirichlet(``alpha``) over the classes; ``alpha`` <= 0, the uniform mix."""
+    return np.full(n_classes, 1.0 / n_classes) if alpha <= 0 else rng.dirichlet(np.full(n_classes, alpha))
+
+
 def draw(items: list[tuple[Path, int]], mix: np.ndarray, n: int, rng: np.random.Generator) -> list[tuple[Path, int]]:
     """``n`` frames from ``items`` (with repeats: one baby is filmed many times) whose classes follow ``mix``."""
     by_class = [[it for it in items if it[1] == c] for c in range(len(mix))]
@@ -118,7 +123,7 @@ def plan_cameras(shards: list[list[tuple[Path, int]]], test: list[tuple[Path, in
     cams = []
     for i, shard in enumerate(shards):
         rng = np.random.default_rng([seed, i])
-        mix = np.full(n_classes, 1.0 / n_classes) if alpha <= 0 else rng.dirichlet(np.full(n_classes, alpha))
+        mix = class_mix(alpha, n_classes, rng)
         cams.append(Camera(f"camera-{i + 1}", DEMO_PROFILES[i % len(DEMO_PROFILES)], tuple(float(v) for v in mix),
                            draw(shard, mix, frames_per_photo * len(shard), rng), draw(test, mix, test_frames, rng)))
     return cams

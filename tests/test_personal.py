@@ -36,7 +36,7 @@ def camera_gain(head: OnlineHead, mix: np.ndarray, n_labels: int, seed: int) -> 
     cam = camera.CameraModel(K, DIM)
     learner_kept: tuple[list, list] = ([], [])
     for x in frames:
-        cam.observe(x, head)
+        cam.observe(x, head.predict_proba(x[None])[0])
     for i in np.random.default_rng(seed).permutation(240)[:n_labels]:
         learner_kept[0].append(frames[i])
         learner_kept[1].append(fy[i])
@@ -118,7 +118,7 @@ def test_camera_state_round_trips_and_refuses_arrays_that_do_not_fit(head):
     cam = camera.CameraModel(K, DIM)
     x, y = world(60, np.array([0.7, 0.1, 0.1, 0.1]), 2)
     for xi in x:
-        cam.observe(xi, head)
+        cam.observe(xi, head.predict_proba(xi[None])[0])
     for i in range(30):
         cam.labelled(x[i], int(y[i]), head, lambda: (x[: i + 1], y[: i + 1]))
     again = camera.CameraModel(K, DIM)

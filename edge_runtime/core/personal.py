@@ -15,15 +15,19 @@ angle. Both are a handful of numbers, so a few labels estimate them well, where 
 * ``bias``: a per-class logit offset fit on the labels (L2-penalised Newton steps on a
   7-parameter convex loss): the head's systematic lean on this camera (bias-corrected
   calibration, Alexandari et al. 2020, with the camera's labels as the calibration set).
-* the guard: each part is used only when K-fold cross-validation on the camera's own labels
-  says it beats the shared head there (``choose``); otherwise the camera predicts with the
-  shared head unchanged.
+* ``personal``: instead of both, the camera's own head (Ditto, Li et al. 2021): a copy of the
+  shared head trained on its labels with an L2 pull toward the shared weights.
+* the guard: a candidate is used only when K-fold cross-validation on the camera's own labels
+  says it clearly beats the shared head there (``choose``, ``pick_paired``); otherwise the
+  camera predicts with the shared head unchanged. The state around this math is ``camera.py``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from .mlp import softmax
 
 EPS = 1e-12
 # what a camera may use: the shared head as it is, with a prior, with a prior and a bias, with a residual
@@ -42,8 +46,8 @@ class PersonalSettings:
     bias_l2: float = 0.05  # L2 on the per-class logit bias
     bias_min_labels: int = 10  # fewer labels than this: no bias
     guard_folds: int = 5
-    guard_min_labels: int = 6  # fewer labels than this: the guard trusts only the prior from frames
-    guard_margin: float = 0.0  # log-loss gain a level must show over the one below it ("log_loss" metric)
+    guard_min_labels: int = 6  # fewer labels than this: the fleet's head alone
+    guard_margin: float = 0.0  # log-loss gain a candidate must show over the best before it ("log_loss" / "both" metrics)
     guard_metric: str = "paired"  # "paired", "log_loss", "accuracy" or "both": how cross-validation on the labels decides
     guard_z: float = 1.0  # "paired": the gain over the shared head must be this many standard errors
     residual_l2: float = 1.0  # L2 on the personal linear correction (per embedding dimension)
@@ -127,6 +131,17 @@ def em_prior(probs: np.ndarray, counts: np.ndarray, ref: np.ndarray, pseudo_coun
     return prior / prior.sum()
 
 
+def _onehot(y: np.ndarray, n: int, k: int) -> np.ndarray:
+    out = np.zeros((n, k))
+    out[np.arange(n), y] = 1.0
+    return out
+
+
+def label_losses(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Each labelled frame's cross-entropy under ``probs`` (N, K), clipped at ``EPS``."""
+    return -np.log(np.maximum(probs[np.arange(len(y)), y], EPS))
+
+
 def fit_bias(log_probs: np.ndarray, y: np.ndarray, l2: float, steps: int = 6) -> np.ndarray:
     """Per-class logit offsets minimising mean cross-entropy + ``l2``/2 ||b||² on labelled frames
     whose (prior-corrected) log-probabilities are ``log_probs`` (N, K): a convex problem in K
@@ -136,13 +151,9 @@ def fit_bias(log_probs: np.ndarray, y: np.ndarray, l2: float, steps: int = 6) ->
     b = np.zeros(k)
     if n == 0:
         return b
-    onehot = np.zeros((n, k))
-    onehot[np.arange(n), y] = 1.0
+    onehot = _onehot(y, n, k)
     for _ in range(steps):
-        s = z + b
-        s -= s.max(axis=1, keepdims=True)
-        p = np.exp(s)
-        p /= p.sum(axis=1, keepdims=True)
+        p = softmax(z + b)
         grad = (p - onehot).mean(axis=0) + l2 * b
         hess = (np.diag(p.sum(axis=0)) - p.T @ p) / n + l2 * np.eye(k)
         b -= np.linalg.solve(hess, grad)
@@ -156,20 +167,16 @@ def fit_residual(log_probs: np.ndarray, x: np.ndarray, y: np.ndarray, l2: float,
     x = np.asarray(x, np.float64)
     n, k = z.shape
     w = np.zeros((x.shape[1], k))
-    onehot = np.zeros((n, k))
-    onehot[np.arange(n), y] = 1.0
+    onehot = _onehot(y, n, k)
     lr = 1.0 / (np.mean(np.sum(x * x, axis=1)) / 2 + l2)  # 1/L for the softmax loss (Hessian <= ||x||^2 / 2)
     for _ in range(steps):
-        s = z + x @ w
-        s -= s.max(axis=1, keepdims=True)
-        p = np.exp(s)
-        p /= p.sum(axis=1, keepdims=True)
+        p = softmax(z + x @ w)
         w -= lr * (x.T @ (p - onehot) / n + l2 * w)
     return w
 
 
 def mean_log_loss(probs: np.ndarray, y: np.ndarray) -> float:
-    return float(-np.log(np.maximum(probs[np.arange(len(y)), y], EPS)).mean()) if len(y) else 0.0
+    return float(label_losses(probs, y).mean()) if len(y) else 0.0
 
 
 @dataclass(frozen=True)
@@ -242,16 +249,9 @@ def cv_losses(frame_probs: np.ndarray, label_probs: np.ndarray, y: np.ndarray, r
             a = adapt(pool, label_probs[~test], y[~test], ref, cand, s, None if label_x is None else label_x[~test],
                       fold_counts, shared)
             p = a.apply(label_probs[test], ref, None if label_x is None else label_x[test])
-            losses[i, test] = -np.log(np.maximum(p[np.arange(test.sum()), y[test]], EPS))
+            losses[i, test] = label_losses(p, y[test])
             hits[i, test] = p.argmax(axis=1) == y[test]
     return losses, hits
-
-
-def cv_scores(frame_probs: np.ndarray, label_probs: np.ndarray, y: np.ndarray, ref: np.ndarray, s: PersonalSettings,
-              cands: list[Candidate], label_x: np.ndarray | None = None) -> list[tuple[float, float]]:
-    """Each candidate's cross-validated (accuracy, mean log-loss) on the camera's labels."""
-    losses, hits = cv_losses(frame_probs, label_probs, y, ref, s, cands, label_x, counts)
-    return [(float(h.mean()), float(l.mean())) for h, l in zip(hits, losses)]
 
 
 def pick_paired(losses: np.ndarray, z: float, hits: np.ndarray | None = None) -> int:
