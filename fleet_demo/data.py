@@ -24,6 +24,22 @@ def find_images(arg: str | None) -> Path:
                             "(the infant photos, README 'Data': an ImageFolder tree, one sub-folder per expression)")
 
 
+DEMO_PACKAGE = Path("data") / "models-demo"
+
+
+def demo_model_dir() -> Path:
+    """``$INFANTINO_MODEL_DIR``, else ``./data/models-demo``, else the device's default package.
+
+    The release learns from every labelled infant photo, the demo's held-out ones too, so the
+    demo runs its own package: the release's recipe fine-tuned only on the photos its cameras
+    stream (``bench/demo_split.py``), which the held-out check below lets through."""
+    from infantino.edge_runtime.paths import ENV_MODEL_DIR, default_model_dir
+
+    if not os.environ.get(ENV_MODEL_DIR) and DEMO_PACKAGE.is_dir():
+        return DEMO_PACKAGE
+    return default_model_dir()
+
+
 def plan_split(root: Path, devices: int, seed: int, test_fraction: float = 0.25,
                limit: int | None = None) -> tuple[list[list[tuple[Path, int]]], list[tuple[Path, int]]]:
     """(shards, test): duplicates stay on one side (``split_items``); shards are disjoint and

@@ -158,3 +158,17 @@ def test_real_demo_labels_make_every_camera_better_and_keep_the_fleets_head(tmp_
     gains = np.subtract(recs[-1]["device_accuracy"], recs[0]["device_accuracy"])
     assert gains.min() >= 0.0 and gains.mean() >= 0.05  # each camera no worse on its own frames, +5 points on average
     assert recs[-1]["global_accuracy"] >= recs[0]["global_accuracy"] - 3 / 114
+
+
+def test_the_demo_runs_its_own_package_and_refuses_the_release_that_saw_its_held_out_photos(monkeypatch):
+    from infantino.fleet_demo.data import demo_model_dir
+
+    images = require_data("infant")
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("INFANTINO_MODEL_DIR", raising=False)
+    assert demo_model_dir() == Path("data") / "models-demo"
+    _, test = plan_split(images, 4, 0)  # the default split
+    assert trained_on_held_out(REPO / "data" / "models-demo", test) == 0
+    assert trained_on_held_out(REPO / "data" / "models", test) == len(test)  # the release learned every photo
+    monkeypatch.setenv("INFANTINO_MODEL_DIR", "elsewhere")
+    assert demo_model_dir() == Path("elsewhere")

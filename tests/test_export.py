@@ -27,7 +27,7 @@ def tiny_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     photos = write_image_folder(tmp_path_factory.mktemp("photos") / "photos", per_class=2, seed=7, classes=CLASSES)
     args = ["train", "--fer", str(fer), "--out", str(out), "--epochs", "1", "--limit", "420",
-            "--max-steps", "2", "--batch-size", "32", "--threads", "1", "--images", str(photos)]
+            "--max-steps", "2", "--batch-size", "32", "--threads", "1", "--images", str(photos), "--mixup", "0.4"]
     assert export_main(args) == 0
     return out
 

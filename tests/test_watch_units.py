@@ -102,7 +102,7 @@ def _feed(monitor: DistressMonitor, negatives, t0: float = 0.0, fps: float = 2.0
 
 
 def test_sustained_negative_faces_raise_one_alert_and_calm_ends_it():
-    m = DistressMonitor(DistressSettings(alert_after_s=60, clear_after_s=30))
+    m = DistressMonitor(DistressSettings(alert_after_s=60, clear_after_s=30, window_s=10, exit_share=0.3))
     crying = [i % 5 != 4 for i in range(2 * 120)]  # 2 min, every 5th frame not negative
     calm = [False] * (2 * 60)
     events = _feed(m, crying + calm)
@@ -113,20 +113,20 @@ def test_sustained_negative_faces_raise_one_alert_and_calm_ends_it():
 
 
 def test_a_short_fit_raises_nothing_and_a_flickering_share_does_not_flap():
-    short = DistressMonitor(DistressSettings(alert_after_s=60))
+    short = DistressMonitor(DistressSettings(alert_after_s=60, window_s=10, exit_share=0.3))
     assert _feed(short, [True] * 2 * 45 + [False] * 2 * 60) == []
     # share oscillating between 0.4 and 0.7 for 10 minutes, inside the band once the alert is up
-    m = DistressMonitor(DistressSettings(alert_after_s=30, clear_after_s=20, window_s=10))
+    m = DistressMonitor(DistressSettings(alert_after_s=30, clear_after_s=20, window_s=10, exit_share=0.3))
     pattern = ([True] * 14 + [False] * 6) * 6 + ([True] * 8 + [False] * 12) * 54
     events = _feed(m, pattern)
     assert [e.kind for e in events] == [START]
 
 
 def test_no_face_for_long_ends_an_alert_and_resets_a_rising_one():
-    m = DistressMonitor(DistressSettings(alert_after_s=20, clear_after_s=10))
+    m = DistressMonitor(DistressSettings(alert_after_s=20, clear_after_s=10, window_s=10, exit_share=0.3))
     events = _feed(m, [True] * 2 * 30 + [None] * 2 * 25)  # the window empties after 10 s, then 10 s calm
     assert [e.kind for e in events] == [START, END]
-    rising = DistressMonitor(DistressSettings(alert_after_s=20))
+    rising = DistressMonitor(DistressSettings(alert_after_s=20, window_s=10, exit_share=0.3))
     assert _feed(rising, [True] * 2 * 8 + [None] * 2 * 12 + [True] * 2 * 8) == []  # 8 + 8 s, not 20 in a row
 
 

@@ -32,14 +32,13 @@ from ..core.preprocess import ImageError
 from ..queue_policy import QUEUE, QueuePolicy, QueueSettings
 from ..state import StateConflict, StateError
 from ..state_lock import StateLockTimeout
-from .distress import START, DistressEvent, DistressMonitor, DistressSettings
+from .distress import START, DistressEvent, DistressMonitor, DistressSettings, frame_negative
 from .events import AlertHook, EventLog
 from .live import watch_folder
 from .reader import Frame, Reader
 from .slot import LatestSlot
 from .sources import FrameSource
 from .status import StatusBoard, human, write_status_file
-from .summary import NEGATIVE, valence_of
 from .sync_worker import SyncSettings, SyncWorker
 from .timeline import Timeline
 
@@ -139,7 +138,7 @@ class Watch:
             queued = self.device.queue_frame(pred, source=f"watch frame {frame.index}")
             if queued is not None:
                 self.policy.queued(t, pred.embedding)
-        event = self.monitor.update(t, valence_of(pred.classes)[pred.index] == NEGATIVE if face else None)
+        event = self.monitor.update(t, frame_negative(pred.classes, pred.index, face))
         # in the classes of the package that predicted it: sync may have switched to another layout meanwhile
         self.timeline.record(t, face, pred.index, pred.probabilities, pred.uncertainty, queued, classes=pred.classes)
         self.board.frame(t, face, pred.label, float(pred.probabilities[pred.index]), queued is not None,

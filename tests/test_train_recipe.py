@@ -1,0 +1,49 @@
+"""The fine-tuning recipe's pieces: mixup's plan and the protocol's workstation folds."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+torch = pytest.importorskip("torch")
+
+from infantino.export.train import mix_plan  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from infant_cv import finetuned, parse_args, workstation_mask  # noqa: E402
+
+
+def test_mixup_off_leaves_the_batch_alone():
+    assert mix_plan(32, 0.0, torch.Generator().manual_seed(0)) == (1.0, None)
+    assert mix_plan(1, 0.4, torch.Generator().manual_seed(0)) == (1.0, None)
+
+
+def test_mixup_pairs_every_sample_and_keeps_its_own_label_dominant():
+    lams = []
+    for seed in range(50):
+        lam, perm = mix_plan(16, 0.2, torch.Generator().manual_seed(seed))
+        assert sorted(perm.tolist()) == list(range(16))
+        lams.append(lam)
+    assert min(lams) >= 0.5 and max(lams) <= 1.0
+    assert np.mean(lams) < 0.95  # Beta(0.2, 0.2) mixes some batches strongly
+    a = mix_plan(16, 0.2, torch.Generator().manual_seed(3))
+    b = mix_plan(16, 0.2, torch.Generator().manual_seed(3))
+    assert a[0] == b[0] and torch.equal(a[1], b[1])  # seeded: a resumed epoch mixes the same way
+
+
+def test_workstation_learns_from_all_but_the_test_fold_or_also_leaves_the_device_fold_out():
+    folds = np.repeat(np.arange(5), 4)
+    three = workstation_mask(folds, 4, 5, "3folds")
+    assert set(folds[three]) == {1, 2, 3}  # fold 0 is test fold 4's device stream
+    assert set(folds[workstation_mask(folds, 4, 5, "all")]) == {0, 1, 2, 3}
+
+
+def test_a_recipe_other_than_the_release_says_how_it_differs():
+    assert finetuned(parse_args([])) == "fine-tuned extractor"
+    name = finetuned(parse_args(["--ft-mixup", "0.2", "--workstation", "all"]))
+    assert "mixup 0.2" in name and "workstation 4 folds" in name
+    with pytest.raises(SystemExit):
+        parse_args(["--finetune-only"])  # needs the face finding named
