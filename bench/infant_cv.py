@@ -232,6 +232,8 @@ def finetuned(args) -> str:
     changed = [f"{k[3:].replace('_', ' ')} {getattr(args, k):g}" for k, v in RELEASE_RECIPE.items() if getattr(args, k) != v]
     if args.workstation == "all":
         changed.append("workstation 4 folds")
+    if args.soup:
+        changed.append(f"weight average of {len(args.soup)} runs")
     return "fine-tuned extractor" + (f" ({', '.join(changed)})" if changed and not args.quick else "")
 
 
@@ -243,27 +245,21 @@ def workstation_mask(folds: np.ndarray, k: int, n_folds: int, which: str) -> np.
 
 def finetune_fold(args, k: int, photos: Photos, folds: np.ndarray, crops: np.ndarray, variant, fer_pix, fer_y, work: Path,
                   add) -> None:
-    """Fold k: fine-tune the extractor on FER + the workstation folds' crops, build its package, score."""
-    from PIL import Image
-
+    """Fold k: fine-tune the extractor on FER + the workstation folds' crops (or average earlier runs'
+    weights, ``--soup``), build its package, score."""
     from infantino.export.package_builder import BuildOptions, build_package
-    from infantino.export.train import TrainConfig, train
 
     spec, det = variant
     test, dev_fold = folds == k, folds == (k + 1) % args.folds
     ws = np.flatnonzero(workstation_mask(folds, k, args.folds, args.workstation))
     fold_dir = work / f"fold{k}"
     shutil.rmtree(fold_dir, ignore_errors=True)
-    for i in ws:
-        d = fold_dir / "crops" / CLASSES[photos.labels[i]]
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(crops[i]).save(d / f"{i:04d}.png")
-    overrides = {k2: v for k2, v in spec.to_dict().items() if k2 in ("face_margin", "align_eyes", "fallback", "detector_score")}
-    train(TrainConfig(fer=str(Path(args.data) / "fer2013" / "fer2013_train.npz"), out=str(fold_dir / "run"),
-                      images=[str(fold_dir / "crops")], images_repeat=args.ft_repeat, init_from=args.package,
-                      epochs=args.ft_epochs, lr=args.ft_lr, max_steps_per_epoch=args.ft_steps, limit=args.fer_limit,
-                      detector=str(det), preprocess=overrides, seed=args.ft_seed, threads=args.threads,
-                      label_smoothing=args.ft_label_smoothing, mixup=args.ft_mixup))
+    if args.soup:
+        from infantino.export.train import average_checkpoints
+
+        average_checkpoints([Path(d) / f"fold{k}" / "run" / "checkpoint.pt" for d in args.soup], fold_dir / "run" / "checkpoint.pt")
+    else:
+        _train_fold(args, fold_dir, photos, crops, ws, spec, det)
     pkg = fold_dir / "package"
     build_package(BuildOptions(checkpoint=str(fold_dir / "run" / "checkpoint.pt"), out=str(pkg),
                                fer=str(Path(args.data) / "fer2013" / "fer2013_train.npz"), force=True,
@@ -279,6 +275,24 @@ def finetune_fold(args, k: int, photos: Photos, folds: np.ndarray, crops: np.nda
             streamed = stream(pkg, head, emb[dev_fold], photos.labels[dev_fold], args.seed + k, work / "state")
             add(f"{tag} | head fit + device stream", k, photos.labels[test], streamed.predict_proba(emb[test]))
     print(f"fold {k}: fine-tuned and scored", flush=True)
+
+
+def _train_fold(args, fold_dir: Path, photos: Photos, crops: np.ndarray, ws: np.ndarray, spec, det) -> None:
+    """One fold's fine-tune: its workstation crops as an ImageFolder, then ``train``."""
+    from PIL import Image
+
+    from infantino.export.train import TrainConfig, train
+
+    for i in ws:
+        d = fold_dir / "crops" / CLASSES[photos.labels[i]]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(crops[i]).save(d / f"{i:04d}.png")
+    overrides = {k2: v for k2, v in spec.to_dict().items() if k2 in ("face_margin", "align_eyes", "fallback", "detector_score")}
+    train(TrainConfig(fer=str(Path(args.data) / "fer2013" / "fer2013_train.npz"), out=str(fold_dir / "run"),
+                      images=[str(fold_dir / "crops")], images_repeat=args.ft_repeat, init_from=args.package,
+                      epochs=args.ft_epochs, lr=args.ft_lr, max_steps_per_epoch=args.ft_steps, limit=args.fer_limit,
+                      detector=str(det), preprocess=overrides, seed=args.ft_seed, threads=args.threads,
+                      label_smoothing=args.ft_label_smoothing, mixup=args.ft_mixup))
 
 
 def summarize_rows(rows: dict[str, list[dict]], found: dict[str, np.ndarray], args) -> dict:
@@ -366,6 +380,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workstation", choices=["3folds", "all"], default="3folds",
                    help="what fine-tuning learns from: all but the test and device folds, or all but the test fold "
                         "(a release that learns from every labelled photo; no device-stream rows then)")
+    p.add_argument("--soup", nargs="+", metavar="WORK", help="instead of fine-tuning, average the weights of these "
+                   "runs' fold{k}/run/checkpoint.pt (their --work folders: the same recipe, other seeds)")
     p.add_argument("--finetune-only", action="store_true", help="only the fine-tuned rows (needs --choose)")
     p.add_argument("--fer-limit", type=int, default=None)
     p.add_argument("--finetune-folds", type=lambda v: [int(x) for x in v.split(",")], default=None,

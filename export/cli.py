@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     fer_help = f"path to fer2013_train.npz (default: {data_path(*FER)})"
     _add_train_parser(sub, fer_help)
     _add_onnx_parser(sub, fer_help)
+    _add_soup_parser(sub)
     _add_detector_parsers(sub)
     _add_publish_parser(sub)
     _add_data_parsers(sub)
@@ -175,6 +176,21 @@ def _add_onnx_parser(sub: argparse._SubParsersAction, fer_help: str) -> None:
     o.add_argument("--head-images", metavar="DIR", help="labelled ImageFolder the bootstrap head also learns from")
     o.add_argument("--head-images-repeat", type=int, default=4, help="weight of each --head-images photo against a FER face")
     o.set_defaults(func=_onnx)
+
+
+def _soup(args: argparse.Namespace) -> int:
+    from .train import average_checkpoints
+
+    average_checkpoints(args.checkpoints, args.out)
+    print(f"weight average of {len(args.checkpoints)} checkpoints written to {args.out}")
+    return 0
+
+
+def _add_soup_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("soup", help="average the weights of fine-tunes of one network (other seeds) into one checkpoint")
+    s.add_argument("checkpoints", nargs="+", help="checkpoint.pt files written by `train` from the same --init-from")
+    s.add_argument("--out", required=True, help="the averaged checkpoint.pt, for `onnx --checkpoint`")
+    s.set_defaults(func=_soup)
 
 
 def _add_publish_parser(sub: argparse._SubParsersAction) -> None:

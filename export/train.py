@@ -48,7 +48,8 @@ class TrainConfig:
     mixup: float = 0.0  # Beta(a, a) mixing of batch pairs (Zhang et al. 2018); 0: off
     ema_decay: float = 0.998
     val_fraction: float = 0.1
-    seed: int = 0
+    seed: int = 0  # initialisation, order, augmentation, mixup
+    split_seed: int = 0  # the FER held-out split: fixed, so that other seeds never train on the faces packages score on
     threads: int = 2
     limit: Optional[int] = None
     max_steps_per_epoch: Optional[int] = None
@@ -85,7 +86,7 @@ def evaluate(net: torch.nn.Module, data: FaceSet) -> dict:
 def split_data(cfg: TrainConfig) -> tuple[FaceSet, FaceSet]:
     """FER train/validation split (seeded, stratified) plus any ImageFolder photos in train."""
     fer = load_fer(cfg.fer, DEFAULT_SPEC, limit=cfg.limit)
-    keep, held = stratified_split(fer.labels, cfg.val_fraction, cfg.seed)
+    keep, held = stratified_split(fer.labels, cfg.val_fraction, cfg.split_seed)
     train = fer.subset(keep)
     finder = image_finder(cfg)
     extra = [load_image_folder(d, finder.spec, finder=finder) for d in cfg.images]
@@ -121,7 +122,7 @@ def start_network(cfg: TrainConfig) -> ExpressionNet:
 
         net = net_from_onnx(Path(cfg.init_from) / "extractor.onnx")
         fer = load_fer(cfg.fer, DEFAULT_SPEC, limit=cfg.limit)
-        keep, _ = stratified_split(fer.labels, cfg.val_fraction, cfg.seed)
+        keep, _ = stratified_split(fer.labels, cfg.val_fraction, cfg.split_seed)
         sample = np.random.default_rng(cfg.seed).choice(keep, size=min(8000, len(keep)), replace=False)
         with torch.no_grad():
             emb = torch.cat([net.embedding(torch.from_numpy(normalize(fer.pixels[sample[i : i + 512]], DEFAULT_SPEC)))
@@ -316,6 +317,19 @@ def train(cfg: TrainConfig) -> dict:
         fit = _train_epoch(job, cfg, pixels, labels, epoch, g)
         _end_epoch(job, cfg, out, epoch, fit, evaluate(job.ema.model, val_set), t0)
     return _finish(job, cfg, out, len(train_set), val_set)
+
+
+def average_checkpoints(sources: list[str | Path], dest: str | Path) -> None:
+    """One checkpoint holding the weight average of fine-tunes that started from the same network
+    (a "model soup", Wortsman et al. 2022): seeds disagree by several points on a few hundred
+    infant photos, their average need not. Buffers that are not floats come from the first."""
+    states = [torch.load(p, map_location="cpu", weights_only=False) for p in sources]
+    soup = dict(states[0], history=[], soup_of=[str(p) for p in sources])
+    for key in ("model", "ema"):
+        soup[key] = {n: torch.stack([s[key][n] for s in states]).mean(0) if t.is_floating_point() else t
+                     for n, t in states[0][key].items()}
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_with(Path(dest), lambda fh: torch.save(soup, fh))
 
 
 def load_checkpoint(path: str | Path) -> tuple[ExpressionNet, dict]:

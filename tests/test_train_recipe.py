@@ -47,3 +47,28 @@ def test_a_recipe_other_than_the_release_says_how_it_differs():
     assert "mixup 0.2" in name and "workstation 4 folds" in name
     with pytest.raises(SystemExit):
         parse_args(["--finetune-only"])  # needs the face finding named
+
+
+def test_another_training_seed_keeps_the_fer_held_out_split_packages_score_on():
+    from conftest import require_data
+    from infantino.export.train import TrainConfig, split_data
+
+    fer = require_data("fer2013", "fer2013_train.npz")
+    cfg = TrainConfig(fer=str(fer), out="unused", limit=700)
+    val0 = split_data(cfg)[1]
+    val1 = split_data(TrainConfig(fer=str(fer), out="unused", limit=700, seed=1))[1]
+    assert np.array_equal(val0.pixels, val1.pixels) and np.array_equal(val0.labels, val1.labels)
+    assert not np.array_equal(split_data(TrainConfig(fer=str(fer), out="unused", limit=700, split_seed=1))[1].labels, val0.labels)
+
+
+def test_a_weight_average_of_two_checkpoints_lies_between_them(tmp_path):
+    from infantino.export.train import average_checkpoints
+
+    a = {"model": {"w": torch.zeros(3), "n": torch.tensor(1)}, "ema": {"w": torch.ones(3)}, "history": [1], "epoch": 3}
+    b = {"model": {"w": torch.full((3,), 2.0), "n": torch.tensor(7)}, "ema": {"w": torch.full((3,), 3.0)}, "history": [2], "epoch": 3}
+    torch.save(a, tmp_path / "a.pt")
+    torch.save(b, tmp_path / "b.pt")
+    average_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"], tmp_path / "soup" / "c.pt")
+    c = torch.load(tmp_path / "soup" / "c.pt", weights_only=False)
+    assert torch.equal(c["model"]["w"], torch.ones(3)) and torch.equal(c["ema"]["w"], torch.full((3,), 2.0))
+    assert int(c["model"]["n"]) == 1 and c["epoch"] == 3 and len(c["soup_of"]) == 2  # integer buffers from the first
