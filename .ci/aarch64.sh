@@ -12,14 +12,17 @@
 # segfaults on import under QEMU 7.2 unless the guest sees an ARM /proc/cpuinfo (an emulation
 # artefact: a Pi-style file is bind-mounted over it); pip in the root needs this machine's CA
 # certificates. Tolerance: the face-crop step differs between the two CPUs (the same boxes, but
-# OpenCV's warp rounds differently; measured up to 3.8e-2 in probability on 14 real photos, all
-# labels equal), so 5e-2; with --no-face-detect the paths agree to 1e-4 (measured: 0).
+# OpenCV's warp rounds differently: a few crop pixels, amplified on photos whose top two classes
+# are close; measured 3.8e-2 in probability on 14 real photos with the issue-12 release, 5.9e-2
+# with issue 22's, whose infant-fitted head is sharper; all labels equal both times), so 1e-1
+# there, a guard against a broken path, not a parity claim; the parity claim is the other path:
+# with --no-face-detect (the same pixels in, ONNX Runtime on each CPU) they agree to 1e-4 (measured: 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROOT="${INFANTINO_ARM64_ROOT:-/var/cache/infantino/arm64-bookworm}"
 MIRROR="${INFANTINO_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-TOL_FACE="${INFANTINO_ARM64_TOL:-0.05}"   # with the face crop: the same boxes, but the eye-levelling warp rounds differently (3.8e-2 measured)
+TOL_FACE="${INFANTINO_ARM64_TOL:-0.1}"    # with the face crop: the same boxes, but the eye-levelling warp rounds differently (5.9e-2 measured)
 TOL_CENTRE=1e-4                            # --no-face-detect: the same pixels in, int8 ONNX Runtime on each CPU
 PHOTOS_PER_CLASS=2
 say() { echo ".ci/aarch64.sh: $*" >&2; }
