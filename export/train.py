@@ -324,6 +324,10 @@ def average_checkpoints(sources: list[str | Path], dest: str | Path) -> None:
     (a "model soup", Wortsman et al. 2022): seeds disagree by several points on a few hundred
     infant photos, their average need not. Buffers that are not floats come from the first."""
     states = [torch.load(p, map_location="cpu", weights_only=False) for p in sources]
+    for p, s in zip(sources[1:], states[1:]):
+        if any(s[key].keys() != states[0][key].keys() or any(s[key][n].shape != t.shape for n, t in states[0][key].items())
+               for key in ("model", "ema")):
+            raise ValueError(f"{p} does not hold the same network as {sources[0]}: only fine-tunes of one network average")
     soup = dict(states[0], history=[], soup_of=[str(p) for p in sources])
     for key in ("model", "ema"):
         soup[key] = {n: torch.stack([s[key][n] for s in states]).mean(0) if t.is_floating_point() else t

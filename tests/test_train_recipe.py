@@ -72,3 +72,19 @@ def test_a_weight_average_of_two_checkpoints_lies_between_them(tmp_path):
     c = torch.load(tmp_path / "soup" / "c.pt", weights_only=False)
     assert torch.equal(c["model"]["w"], torch.ones(3)) and torch.equal(c["ema"]["w"], torch.full((3,), 2.0))
     assert int(c["model"]["n"]) == 1 and c["epoch"] == 3 and len(c["soup_of"]) == 2  # integer buffers from the first
+
+
+def test_soup_from_the_command_line_and_a_foreign_network_refused_in_one_line(tmp_path, capsys):
+    from infantino.export.cli import main as export_main
+
+    a = {"model": {"w": torch.zeros(3)}, "ema": {"w": torch.zeros(3)}}
+    b = {"model": {"w": torch.ones(3)}, "ema": {"w": torch.ones(3)}}
+    other = {"model": {"w": torch.ones(4)}, "ema": {"w": torch.ones(4)}}
+    for name, state in (("a", a), ("b", b), ("other", other)):
+        torch.save(state, tmp_path / f"{name}.pt")
+    assert export_main(["soup", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--out", str(tmp_path / "c.pt")]) == 0
+    assert torch.equal(torch.load(tmp_path / "c.pt", weights_only=False)["ema"]["w"], torch.full((3,), 0.5))
+    capsys.readouterr()
+    assert export_main(["soup", str(tmp_path / "a.pt"), str(tmp_path / "other.pt"), "--out", str(tmp_path / "d.pt")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "does not hold the same network" in err and len(err.splitlines()) == 1 and not (tmp_path / "d.pt").exists()
