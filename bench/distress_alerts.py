@@ -46,7 +46,6 @@ from distress_timelines import (CALM, GRID, NEGATIVE, NO_FACE, OLD, QUICK_GRID, 
                                 grid, leave_one_fold_out, one_at_a_time, with_folds)
 
 from infantino.edge_runtime.config import DeviceConfig  # noqa: E402
-from infantino.edge_runtime.core.head import OnlineHead  # noqa: E402
 from infantino.edge_runtime.core.preprocess import CLASSES, ImageError, decode_rgb  # noqa: E402
 from infantino.edge_runtime.core.splits import grouped_stratified_folds  # noqa: E402
 from infantino.edge_runtime.package_runtime import PackageRuntime  # noqa: E402
@@ -60,7 +59,7 @@ class Ours:
 
     def __init__(self, package: Path):
         self.runtime = PackageRuntime.open(package, DeviceConfig(threads=1))
-        self.head = OnlineHead.load(self.runtime.package.path("head"))
+        self.head = self.runtime.head()
         self.classes = self.runtime.classes
 
     def __call__(self, frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

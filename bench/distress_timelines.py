@@ -15,11 +15,13 @@ from typing import Iterable, Optional
 import numpy as np
 
 from infantino.edge_runtime.core.preprocess import CLASSES
+from infantino.edge_runtime.watch.summary import NEGATIVE as NEGATIVE_VALENCE, valence_of
 from infantino.edge_runtime.watch.distress import END, START, DistressEvent, DistressMonitor, DistressSettings, frame_negative
 
 # ------------------------------------------------------------------ what a day is made of, and the settings tried
-CALM = tuple(CLASSES.index(c) for c in ("happy", "neutral", "surprise"))  # the classes of the calm stretches
-NEGATIVE = tuple(CLASSES.index(c) for c in ("angry", "disgust", "fear", "sad"))  # of the distress episodes
+# Episodes are the classes the watch counts as negative valence (watch/summary.py), calm stretches the rest
+NEGATIVE = tuple(i for i, v in enumerate(valence_of(CLASSES)) if v == NEGATIVE_VALENCE)
+CALM = tuple(i for i in range(len(CLASSES)) if i not in NEGATIVE)
 NO_FACE = -1  # frame code: no face found (the monitor's None); 0 not negative, 1 negative
 # The monitor's earlier defaults: the table's baseline, and the grid's fixed fields (clear_after_s, min_faces)
 OLD = DistressSettings(alert_after_s=60.0, clear_after_s=30.0, window_s=10.0, enter_share=0.6, exit_share=0.3, min_faces=3)

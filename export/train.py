@@ -239,10 +239,11 @@ def _train_epoch(job: _Job, cfg: TrainConfig, pixels: torch.Tensor, labels: torc
         if perm is not None:
             x = lam * x + (1.0 - lam) * x[perm]
         logits = job.net(x)
-        loss = F.cross_entropy(logits, y, weight=job.weights, label_smoothing=cfg.label_smoothing)
-        if perm is not None:
-            loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits, y[perm], weight=job.weights,
-                                                              label_smoothing=cfg.label_smoothing)
+
+        def criterion(target: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits, target, weight=job.weights, label_smoothing=cfg.label_smoothing)
+
+        loss = criterion(y) if perm is None else lam * criterion(y) + (1.0 - lam) * criterion(y[perm])
         job.opt.zero_grad(set_to_none=True)
         loss.backward()
         job.opt.step()
